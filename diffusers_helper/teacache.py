@@ -1,0 +1,286 @@
+"""TeaCache step skipping for the FramePack transformer, as removable diffusers hooks.
+
+TeaCache (Liu et al., 2024, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion
+Model") watches how much the timestep-modulated input of the first transformer block changes
+from one model call to the next. The relative L1 change is mapped through a polynomial fitted
+to the change of the model output, and summed; while the sum stays under a threshold the
+transformer blocks are skipped and the residual they added on the last computed call
+(blocks' output minus blocks' input) is added again instead.
+
+The hooks sit on the transformer's blocks only, so embedders, ``norm_out`` and ``proj_out`` run
+as usual on every call:
+
+- ``transformer_blocks[0]`` (the head) computes ``norm1(hidden_states, emb=temb)``, advances the
+  state and decides; on a skipped call it returns ``hidden_states + previous_residual`` and the
+  unchanged ``encoder_hidden_states`` (nothing after the blocks reads the latter);
+- every other block passes its inputs through untouched on a skipped call;
+- the last block, on a computed call, stores ``previous_residual``.
+
+The decision rule, the polynomial and the per-call counting follow the FramePack reference so
+that latents can be compared with it; see ``TeaCache._decide``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+__all__ = ["TeaCache", "apply_teacache", "RESCALE_COEFFICIENTS", "DEFAULT_THRESHOLD"]
+
+_HOOK_NAME = "framepack_teacache"
+
+# Polynomial (highest power first) that maps the relative L1 change of the first block's
+# modulated input to an estimate of the relative change of the model output. These are the
+# values FramePack uses for HunyuanVideo; they are evaluated in float64 with numpy.polyval.
+RESCALE_COEFFICIENTS = (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896)
+
+# FramePack's default threshold on the accumulated estimate.
+DEFAULT_THRESHOLD = 0.15
+
+
+def rescale(rel_l1: float) -> float:
+    """Evaluate TeaCache's fitted rescaling polynomial (Liu et al., 2024) at one relative L1 change."""
+    return float(np.polyval(RESCALE_COEFFICIENTS, rel_l1))
+
+
+class TeaCache:
+    """Handle for TeaCache (Liu et al., 2024) hooks on a FramePack transformer: state, switch and removal."""
+
+    def __init__(self, transformer: torch.nn.Module, num_steps: int, threshold: float) -> None:
+        self.transformer = transformer
+        self.threshold = float(threshold)
+        # When False every hook calls straight through and the state does not advance.
+        self.enabled = True
+        self._hooked: list[tuple[torch.nn.Module, bool, bool]] = []
+        self._removed = False
+        self.reset(num_steps)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def reset(self, num_steps: Optional[int] = None) -> None:
+        """Start a new TeaCache (Liu et al., 2024) run of ``num_steps`` calls, e.g. one FramePack section."""
+        if num_steps is not None:
+            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+                raise ValueError(f"num_steps must be a positive integer, not {num_steps!r}.")
+            self.num_steps = num_steps
+        self.cnt = 0
+        self.accumulated = 0.0
+        self.previous_modulated_input: Optional[torch.Tensor] = None
+        self.previous_residual: Optional[torch.Tensor] = None
+        self.computed = 0
+        self.skipped = 0
+        self._skipping = False
+        self._hidden_in: Optional[torch.Tensor] = None
+
+    def _decide(self, rel_l1: Optional[float]) -> bool:
+        """Advance the counter by one transformer call and return whether to compute the blocks.
+
+        ``rel_l1`` is only read when the call is neither the first nor the last of a run
+        (``_needs_rel`` says which); ``None`` there forces a computation. The counter advances
+        per transformer *forward call*, not per sampling step: with real CFG (cfg > 1) the
+        sampler calls the model twice per step and both calls count, exactly as the FramePack
+        reference does, so the "last" call is then reached half-way through the steps. We keep
+        that for parity.
+        """
+        if not self._needs_rel() or rel_l1 is None:
+            compute = True
+            self.accumulated = 0.0
+        else:
+            self.accumulated += rescale(rel_l1)
+            compute = self.accumulated >= self.threshold
+            if compute:
+                self.accumulated = 0.0
+        self.cnt += 1
+        if self.cnt == self.num_steps:
+            self.cnt = 0
+        return compute
+
+    def _needs_rel(self) -> bool:
+        return not (self.cnt == 0 or self.cnt == self.num_steps - 1)
+
+    def _step(self, modulated: torch.Tensor, hidden_states: torch.Tensor) -> bool:
+        rel_l1 = None
+        previous, residual = self.previous_modulated_input, self.previous_residual
+        usable = (
+            previous is not None
+            and previous.shape == modulated.shape
+            and residual is not None
+            and residual.shape == hidden_states.shape
+        )
+        # Without a usable cache (only when the token layout changes without reset()) rel_l1
+        # stays None, which forces a computation instead of adding a residual of the wrong shape.
+        if self._needs_rel() and usable:
+            # Kept in the modulated input's own dtype (bf16 on GPU) and in this exact form so
+            # that the rounding, and hence the decisions, match the reference.
+            rel_l1 = ((modulated - previous).abs().mean() / previous.abs().mean()).item()
+        compute = self._decide(rel_l1)
+        self.previous_modulated_input = modulated
+        return compute
+
+    # -- hook installation ----------------------------------------------------------------------
+
+    def _install(self) -> None:
+        blocks = list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
+        head, tail = blocks[0], blocks[-1]
+        for block in blocks:
+            had_registry = hasattr(block, "_diffusers_hook")
+            had_forward = "forward" in vars(block)
+            hook = _TeaCacheBlockHook(self, is_head=block is head, is_tail=block is tail)
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            if block is head:
+                # The head calls norm1 itself, so it must run after any hook that puts the block's
+                # weights in place (diffusers group offloading at block level): innermost.
+                _register_innermost(registry, hook, _HOOK_NAME)
+            else:
+                registry.register_hook(hook, _HOOK_NAME)
+            self._hooked.append((block, had_registry, had_forward))
+        _invalidate_registry_caches(self.transformer)
+
+    def remove(self) -> None:
+        """Remove the TeaCache (Liu et al., 2024) hooks, restoring the transformer's original behaviour."""
+        if self._removed:
+            return
+        self._removed = True
+        for block, had_registry, had_forward in self._hooked:
+            registry = getattr(block, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            hook = registry.get_hook(_HOOK_NAME)
+            if not (isinstance(hook, _TeaCacheBlockHook) and hook.cache is self):
+                continue
+            _remove_hook(registry, _HOOK_NAME)
+            if not registry.hooks and not had_registry:
+                del block._diffusers_hook
+                if not had_forward and "forward" in vars(block):
+                    del block.forward
+        self._hooked = []
+        self.previous_modulated_input = self.previous_residual = self._hidden_in = None
+        _invalidate_registry_caches(self.transformer)
+
+    @property
+    def removed(self) -> bool:
+        """Whether this TeaCache (Liu et al., 2024) handle's hooks have been removed (or replaced)."""
+        return self._removed
+
+    def __repr__(self) -> str:
+        return (
+            f"TeaCache(threshold={self.threshold}, num_steps={self.num_steps}, enabled={self.enabled}, "
+            f"computed={self.computed}, skipped={self.skipped}, removed={self._removed})"
+        )
+
+
+class _TeaCacheBlockHook(ModelHook):
+    """Per-block hook: the head decides, the others follow, the tail stores the residual."""
+
+    _is_stateful = True
+
+    def __init__(self, cache: TeaCache, is_head: bool, is_tail: bool) -> None:
+        super().__init__()
+        self.cache = cache
+        self.is_head = is_head
+        self.is_tail = is_tail
+        self._names: tuple[str, ...] = ()
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        params = inspect.signature(type(module).forward).parameters
+        self._names = tuple(name for name in params if name != "self")
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.is_head:
+            self.cache.reset()
+        return module
+
+    def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        return args[self._names.index(name)]
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        cache = self.cache
+        if not cache.enabled:
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+        if self.is_head:
+            hidden_states = self._arg("hidden_states", args, kwargs)
+            temb = self._arg("temb", args, kwargs)
+            modulated = module.norm1(hidden_states, emb=temb)[0]
+            cache._skipping = not cache._step(modulated, hidden_states)
+            if cache._skipping:
+                cache.skipped += 1
+                encoder_hidden_states = self._arg("encoder_hidden_states", args, kwargs)
+                return hidden_states + cache.previous_residual, encoder_hidden_states
+            cache.computed += 1
+            # The blocks never write into their input, so a reference (no copy) is enough.
+            cache._hidden_in = hidden_states
+        elif cache._skipping:
+            return self._arg("hidden_states", args, kwargs), self._arg("encoder_hidden_states", args, kwargs)
+
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.is_tail:
+            cache.previous_residual = output[0] - cache._hidden_in
+            cache._hidden_in = None
+        return output
+
+
+def _register_innermost(registry: HookRegistry, hook: ModelHook, name: str) -> None:
+    # HookRegistry wraps each new hook around the ones before it; to go inside the existing
+    # hooks we take them off, register ours, and put them back in their original order.
+    others = list(registry.hooks.items())
+    for other_name, _ in reversed(others):
+        registry.remove_hook(other_name, recurse=False)
+    registry.register_hook(hook, name)
+    for other_name, other in others:
+        registry.register_hook(other, other_name)
+
+
+def _remove_hook(registry: HookRegistry, name: str) -> None:
+    names = list(registry.hooks)
+    index = names.index(name)
+    outer = [(n, registry.hooks[n]) for n in names[index + 1:]]
+    if any(hasattr(h, "new_forward") for _, h in outer):
+        # HookRegistry.remove_hook relinks the next hook's `forward`, which for a hook with its
+        # own new_forward would drop that hook; take the outer hooks off and put them back.
+        for other_name, _ in reversed(outer):
+            registry.remove_hook(other_name, recurse=False)
+        registry.remove_hook(name, recurse=False)
+        for other_name, other in outer:
+            registry.register_hook(other, other_name)
+    else:
+        registry.remove_hook(name, recurse=False)
+
+
+def _invalidate_registry_caches(module: torch.nn.Module) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+
+
+def _existing(transformer: torch.nn.Module) -> list[TeaCache]:
+    found = []
+    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+        registry = getattr(block, "_diffusers_hook", None)
+        hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
+        if isinstance(hook, _TeaCacheBlockHook) and hook.cache not in found:
+            found.append(hook.cache)
+    return found
+
+
+def apply_teacache(transformer: torch.nn.Module, num_steps: int, threshold: float = DEFAULT_THRESHOLD) -> TeaCache:
+    """Apply TeaCache (Liu et al., 2024) to a FramePack transformer as removable hooks; replaces any earlier one."""
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        if not isinstance(getattr(transformer, name, None), torch.nn.ModuleList):
+            raise ValueError(f"TeaCache needs a HunyuanVideo-style transformer with `{name}`.")
+    if len(transformer.transformer_blocks) == 0:
+        raise ValueError("TeaCache needs at least one double-stream block (it reads transformer_blocks[0].norm1).")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ValueError(f"The TeaCache threshold must be a number >= 0, not {threshold!r}.")
+    for old in _existing(transformer):
+        old.remove()
+    cache = TeaCache(transformer, num_steps, threshold)
+    cache._install()
+    return cache
