@@ -63,6 +63,8 @@ _FINAL_MOVFLAGS = "+faststart+use_metadata_tags"
 # Tags the mp4 demuxer reports from the ftyp box; they are not metadata anyone wrote.
 _CONTAINER_TAGS = frozenset({"major_brand", "minor_version", "compatible_brands"})
 
+_CONVERT_CHUNK = 8  # frames converted to uint8 at a time
+
 _DIRECTIONS = {"append": "append", "f1": "append", "prepend": "prepend", "framepack": "prepend"}
 
 
@@ -91,9 +93,16 @@ def _check_even(height: int, width: int) -> None:
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     """Convert pixels (1, 3, T, H, W) in [-1, 1] to RGB frames (T, H, W, 3) uint8, truncating like the reference."""
     _check_pixels(pixels)
-    x = torch.clamp(pixels.detach().float(), -1.0, 1.0) * 127.5 + 127.5
-    x = x.to(torch.uint8)[0].permute(1, 2, 3, 0)  # (T, H, W, 3), converted on the pixels' device
-    return np.ascontiguousarray(x.cpu().numpy())
+    length, height, width = pixels.shape[2:]
+    out = np.empty((length, height, width, 3), dtype=np.uint8)
+    out_t = torch.from_numpy(out)
+    # A few frames at a time, on the pixels' device: a float32 copy of a whole section would
+    # need 4 bytes per subpixel. The arithmetic is the reference's, so the bytes are the same.
+    for i in range(0, length, _CONVERT_CHUNK):
+        x = torch.clamp(pixels[:, :, i : i + _CONVERT_CHUNK].detach().float(), -1.0, 1.0)  # a new tensor
+        x.mul_(127.5).add_(127.5)
+        out_t[i : i + _CONVERT_CHUNK].copy_(x[0].permute(1, 2, 3, 0))  # float -> uint8 truncates
+    return out
 
 
 def blend(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> torch.Tensor:
@@ -293,11 +302,14 @@ def _remux(segments: list[_Segment], path: Path, *, fps: int, metadata: Mapping[
                 istream = inp.streams.video[0]
                 if ostream is None:
                     ostream = out.add_stream_from_template(istream)
+                # Segment time -> frame index, in integers (Fraction arithmetic per packet is slow).
+                scale_num = istream.time_base.numerator * fps
+                scale_den = istream.time_base.denominator
                 count = 0
                 for packet in inp.demux(istream):
                     if packet.size == 0 or packet.pts is None:
                         continue  # the demuxer's end-of-stream marker
-                    local = round(packet.pts * istream.time_base / frame_time)
+                    local = (2 * packet.pts * scale_num + scale_den) // (2 * scale_den)  # rounded
                     if not 0 <= local < segment.frames:
                         raise RuntimeError(f"segment {segment.path.name}: frame time {local} outside 0..{segment.frames - 1}")
                     packet.stream = ostream
@@ -440,7 +452,8 @@ class SectionVideoWriter:
         ``overlap`` is how many frames this section shares with the video (0 for the first).
         ``next_overlap``, if known, is the overlap of the next section (0 if this is the last);
         it decides how many edge frames stay changeable. Returns ``path``. On error nothing is
-        left at ``path`` and the writer is as before the call.
+        left at ``path`` and the video held by the writer is as before the call (only
+        ``frames_encoded`` counts the wasted work), so the call can be retried.
         """
         if self._closed:
             raise RuntimeError("this SectionVideoWriter is closed")

@@ -90,7 +90,7 @@ def band_indices(frames: np.ndarray) -> np.ndarray:
     return np.rint((level - 2) / 4).astype(int)
 
 
-def run_job(tmp_path, direction, lengths, overlaps, *, hints=False, dtype=torch.float32, **writer_kwargs):
+def run_job(tmp_path, direction, lengths, overlaps, *, hints=False, dtype=torch.float32, device="cpu", **writer_kwargs):
     """Feed sections to a writer; return (final path, partial paths, reference videos, writer stats)."""
     starts = section_starts(lengths, overlaps, direction)
     out = tmp_path / "out"
@@ -99,7 +99,7 @@ def run_job(tmp_path, direction, lengths, overlaps, *, hints=False, dtype=torch.
     full = None
     with SectionVideoWriter(direction=direction, **writer_kwargs) as writer:
         for k, (length, overlap) in enumerate(zip(lengths, overlaps)):
-            section = make_section(starts[k], length, k, dtype)
+            section = make_section(starts[k], length, k, dtype).to(device)
             full = reference_join(full, section, overlap, direction)
             next_overlap = (overlaps[k + 1] if k + 1 < len(overlaps) else 0) if hints else None
             path = writer.add_section(section, overlap, out / f"part{k:02d}.mp4", next_overlap=next_overlap)
@@ -111,7 +111,7 @@ def run_job(tmp_path, direction, lengths, overlaps, *, hints=False, dtype=torch.
             n = writer.frames_in_memory
             if n:
                 edge = full[:, :, -n:] if direction == "append" else full[:, :, :n]
-                edges_ok.append(torch.equal(writer._edge, edge))
+                edges_ok.append(torch.equal(writer._edge, edge.cpu()))
         stats = {"frames": writer.frames, "encoded": writer.frames_encoded, "held": held, "edges_ok": edges_ok}
         work = writer.work_dir
     assert work is None or not work.exists(), "segments must be removed on exit"
@@ -143,7 +143,7 @@ def mp4_boxes(data: bytes, start=0, end=None, depth=0):
     return out
 
 
-def check_mp4(path: Path, frames: int) -> None:
+def check_mp4(path: Path, frames: int, fps: int = 30) -> None:
     """Faststart, one track, uniform frame durations, and a decodable stream of ``frames`` frames."""
     boxes = mp4_boxes(path.read_bytes())
     top = [kind for depth, kind, _ in boxes if depth == 0]
@@ -156,11 +156,11 @@ def check_mp4(path: Path, frames: int) -> None:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"
         assert stream.codec_context.profile == "High"
-        assert stream.average_rate == 30
+        assert stream.average_rate == fps
         packets = [p for p in container.demux(stream) if p.size]
         tb = stream.time_base
-        pts = sorted(round(p.pts * tb * 30) for p in packets)
-        dts = [round(p.dts * tb * 30) for p in packets]
+        pts = sorted(round(p.pts * tb * fps) for p in packets)
+        dts = [round(p.dts * tb * fps) for p in packets]
         assert pts == list(range(frames))
         assert all(b - a == 1 for a, b in zip(dts, dts[1:]))
         assert all(p.dts <= p.pts for p in packets)
@@ -187,6 +187,13 @@ def test_to_uint8_frames_truncates_like_reference():
     assert frames[:, 0, 0, 0].tolist() == [0, 0, 63, 127, 165, 255, 255]
     with pytest.raises(ValueError):
         to_uint8_frames(torch.zeros(3, 4, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_to_uint8_frames_is_bit_exact(dtype):
+    px = (torch.randn(1, 3, 19, 6, 4, generator=torch.Generator().manual_seed(0)) * 0.8).to(dtype)
+    reference = (torch.clamp(px.float(), -1, 1) * 127.5 + 127.5).to(torch.uint8)[0].permute(1, 2, 3, 0)
+    assert np.array_equal(to_uint8_frames(px), reference.numpy())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -333,6 +340,23 @@ def test_frames_encoded_bound_with_known_overlap(tmp_path, direction):
 
 def test_fp16_sections(tmp_path):
     final, _, references, stats = run_job(tmp_path, "prepend", [9, 13, 13], [0, 5, 5], dtype=torch.float16)
+    assert all(stats["edges_ok"]) and stats["edges_ok"]
+    assert psnr(read_frames(final), to_uint8_frames(references[-1])) >= 40
+
+
+def test_other_frame_rate(tmp_path):
+    with SectionVideoWriter(direction="append", fps=24) as writer:
+        writer.add_section(make_section(0, 9, 0), 0, tmp_path / "a.mp4")
+        path = writer.add_section(make_section(4, 13, 1), 5, tmp_path / "b.mp4")
+    check_mp4(path, 17, fps=24)
+    assert band_indices(read_frames(path)).tolist() == list(range(17))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pixels_on_cuda(tmp_path):
+    final, _, references, stats = run_job(
+        tmp_path, "append", [9, 13, 13], [0, 5, 5], dtype=torch.float16, device="cuda"
+    )
     assert all(stats["edges_ok"]) and stats["edges_ok"]
     assert psnr(read_frames(final), to_uint8_frames(references[-1])) >= 40
 
