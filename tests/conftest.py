@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random-weight models in the official layouts, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from diffusers_helper.settings import ModelSources
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """Folder holding the session's tiny models (hunyuan/, siglip/, framepack/, f1/)."""
+    from diffusers_helper.tiny import write_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny-models") / "models"
+    write_tiny_models(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tiny_root) -> ModelSources:
+    """ModelSources pointing at the session's tiny models (local folders, official layouts)."""
+    from diffusers_helper.tiny import sources_at
+
+    return sources_at(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_shared(tiny_sources):
+    """SharedComponents loaded once on the CPU in fp32. Shared by tests: do not modify them."""
+    from diffusers_helper.loading import load_shared
+
+    return load_shared(tiny_sources, "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_sources, tiny_shared) -> Callable[[str], object]:
+    """Factory: `tiny_components("framepack" | "f1")` gives CPU fp32 Components, each variant loaded once.
+
+    The shared components are the session's; the transformers are cached per variant. Do not modify them;
+    load a private copy with `diffusers_helper.loading.load_transformer` when a test must.
+    """
+    from diffusers_helper.loading import Components, component_dtypes, load_transformer
+
+    cache: dict[str, Components] = {}
+
+    def get(model: str = "framepack") -> Components:
+        if model not in cache:
+            cache[model] = Components(
+                shared=tiny_shared,
+                transformer=load_transformer(tiny_sources.transformer(model), "cpu"),
+                model=model,
+                device=torch.device("cpu"),
+                dtypes=component_dtypes("cpu"),
+            )
+        return cache[model]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def transformer_inputs() -> Callable[..., dict]:
+    """Factory: keyword arguments for one forward pass of a (tiny) FramePack transformer.
+
+    `transformer_inputs(transformer, frames=2, height=8, width=8, dtype=torch.float32, seed=0)` gives
+    noisy latents plus every conditioning input (text, pooled text, image embeddings, guidance and the
+    clean/2x/4x history latents with their frame indices), shaped from the transformer's config.
+    """
+
+    def make(transformer, frames: int = 2, height: int = 8, width: int = 8, dtype: torch.dtype = torch.float32,
+             seed: int = 0) -> dict:
+        config = transformer.config
+        g = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(dtype)
+
+        channels = config.in_channels
+        text_tokens = 7
+        return dict(
+            hidden_states=randn(1, channels, frames, height, width),
+            timestep=torch.tensor([700.0]),
+            encoder_hidden_states=randn(1, text_tokens, config.text_embed_dim),
+            encoder_attention_mask=torch.ones(1, text_tokens, dtype=torch.bool),
+            pooled_projections=randn(1, config.pooled_projection_dim),
+            image_embeds=randn(1, 16, config.image_proj_dim),
+            # Frame indices are 1-D (diffusers' FramePack RoPE builds one grid for the batch).
+            # FramePack-like layout: start frame 0, 4x history 1-16, 2x history 17-18, 1x 19, then the new frames.
+            indices_latents=torch.arange(20, 20 + frames),
+            guidance=torch.tensor([10.0 * 1000.0]),
+            latents_clean=randn(1, channels, 2, height, width),
+            indices_latents_clean=torch.tensor([0, 19]),
+            latents_history_2x=randn(1, channels, 2, height, width),
+            indices_latents_history_2x=torch.tensor([17, 18]),
+            latents_history_4x=randn(1, channels, 16, height, width),
+            indices_latents_history_4x=torch.arange(1, 17),
+            return_dict=False,
+        )
+
+    return make
