@@ -1,0 +1,102 @@
+"""The command line: a full run with local tiny models, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_helper.__main__ import main
+from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.video import read_frames
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray((np.indices((80, 100)).sum(axis=0) % 256).astype(np.uint8)).save(path)
+    return path
+
+
+def _source_flags(tiny_sources, model="framepack"):
+    return ["--hunyuan", str(tiny_sources.hunyuan), "--siglip", str(tiny_sources.siglip),
+            "--transformer", str(tiny_sources.transformer(model))]
+
+
+@pytest.mark.parametrize("model", ["framepack", "f1"])
+def test_generate_from_local_folders(tiny_sources, picture, tmp_path, capsys, model):
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--image", str(picture), "--prompt", "waves", "--output", str(out), "--model", model,
+                 "--seconds", "1", "--window", "3", "--steps", "2", "--resolution", "64", "--no-teacache",
+                 "--save-latents", str(tmp_path / "l.safetensors"), "--device", "cpu", *_source_flags(tiny_sources, model)])
+    assert code == 0
+    expected = GenerationSettings(seconds=1, window=3)
+    assert read_frames(out).shape[0] == expected.total_frames
+    assert load_file(tmp_path / "l.safetensors")["history_latents"].shape[2] == expected.total_latent_frames
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+
+
+def _one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--steps", "0"], "steps"),
+        (["--seconds", "nan"], "seconds"),
+        (["--crf", "1.5"], "crf"),
+        (["--window", "abc"], "window"),
+        (["--model", "sdxl"], "model"),
+        (["--device", "cuda"], "cuda"),
+    ],
+)
+def test_invalid_input_exits_2_with_one_line(tiny_sources, picture, tmp_path, capsys, extra, fragment):
+    if fragment == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA, so asking for it is not an error")
+    err = _one_line_error(capsys, ["generate", "--image", str(picture), "--prompt", "x", "--output",
+                                   str(tmp_path / "o.mp4"), *_source_flags(tiny_sources), *extra])
+    assert fragment in err
+
+
+def test_missing_image_existing_output_and_missing_source(tiny_sources, picture, tmp_path, capsys):
+    base = ["generate", "--prompt", "x", *_source_flags(tiny_sources)]
+    assert "not found" in _one_line_error(capsys, base + ["--image", str(tmp_path / "nope.png"), "--output", str(tmp_path / "a.mp4")])
+    taken = tmp_path / "taken.mp4"
+    taken.write_bytes(b"keep")
+    assert "already exists" in _one_line_error(capsys, base + ["--image", str(picture), "--output", str(taken)])
+    assert taken.read_bytes() == b"keep"
+    err = _one_line_error(capsys, ["generate", "--prompt", "x", "--image", str(picture), "--output", str(tmp_path / "b.mp4"),
+                                   "--hunyuan", str(tmp_path / "no-such-folder"), "--siglip", str(tiny_sources.siglip),
+                                   "--transformer", str(tiny_sources.transformer("framepack"))])
+    assert "no-such-folder" in err and "--hunyuan" in err
+
+
+def test_tiny_models_command_writes_the_layout_and_refuses_to_overwrite(tmp_path, capsys):
+    target = tmp_path / "tiny"
+    assert main(["tiny-models", str(target)]) == 0
+    for sub in ["hunyuan/text_encoder", "hunyuan/tokenizer", "hunyuan/vae", "siglip/image_encoder", "framepack", "f1"]:
+        assert (target / sub).is_dir()
+    capsys.readouterr()
+    assert main(["tiny-models", str(target)]) == 2
+
+
+def test_module_entry_point_reports_usage_errors_on_one_line():
+    result = subprocess.run([sys.executable, "-m", "diffusers_helper", "generate", "--image", "x.png"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "required" in result.stderr
