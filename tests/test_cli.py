@@ -100,3 +100,17 @@ def test_module_entry_point_reports_usage_errors_on_one_line():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "required" in result.stderr
+
+
+def test_tiny_flag_builds_the_cache_once_and_runs(picture, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FRAMEPACK_TINY_CACHE", str(cache))
+    argv = ["generate", "--image", str(picture), "--prompt", "x", "--tiny", "--model", "f1", "--seconds", "1",
+            "--window", "3", "--steps", "1", "--resolution", "64", "--device", "cpu"]
+    assert main(argv + ["--output", str(tmp_path / "a.mp4")]) == 0
+    built = sorted(p.relative_to(cache) for p in cache.rglob("*.json"))
+    assert built, "the tiny models were not written into the cache folder"
+    stamp = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    assert main(argv + ["--output", str(tmp_path / "b.mp4")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamp
+    assert read_frames(tmp_path / "b.mp4").shape[0] == GenerationSettings(seconds=1, window=3).total_frames
