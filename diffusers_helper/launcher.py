@@ -65,8 +65,12 @@ INSTALL_GB = {"cuda": 9.0, "cpu": 2.5}  # PyTorch with its CUDA libraries, the r
 LONG_PATH_WARNING_CHARS = 80  # model files sit about 150 characters below HF_HOME; Windows stops at 260
 
 TORCH_INDEX = "https://download.pytorch.org/whl"
+# Where update.bat fetches the code when the folder came from a ZIP rather than ``git clone``.
+# Empty until the project has its public home; FRAMEPACK_REPO_URL overrides it.
+REPO_URL = ""
 MARKER_NAME = "framepack-setup.json"
-LOGS_KEPT = 20
+LOGS_KEPT = {"pip": 3}  # pip's own logs are verbose (megabytes); other commands keep LOGS_KEPT_DEFAULT
+LOGS_KEPT_DEFAULT = 20
 PYTEST_REQUIREMENT = "pytest>=8,<10"
 
 
@@ -559,8 +563,10 @@ def models_needed_gb(app_args: Sequence[str], hf_home: str | os.PathLike, size: 
     """What is left to download for the models, in GB: none with ``--tiny`` or when every model is a local folder."""
     if "--tiny" in app_args:
         return 0.0
-    sources = [_flag_value(app_args, flag) for flag in ("--hunyuan", "--siglip", "--transformer")]
-    if all(source and Path(source).is_dir() for source in sources):
+    def local(*flags: str) -> bool:
+        return any((value := _flag_value(app_args, flag)) and Path(value).is_dir() for flag in flags)
+
+    if local("--hunyuan") and local("--siglip") and local("--transformer", "--framepack-transformer", "--f1-transformer"):
         return 0.0
     # Whatever is in the cache already counts as downloaded: generous, but never blocks a user needlessly.
     return max(0.0, MODELS_GB - size(Path(hf_home) / "hub"))
@@ -754,12 +760,13 @@ class Runner:
             log.echo_output(decoder.decode(b"", final=True))
             return process.wait()
         except KeyboardInterrupt:
-            # Ctrl+C reached the app too; give it a moment to stop on its own.
+            # Ctrl+C reached the app too (same console); give it a moment to stop on its own.
             try:
-                return process.wait(timeout=15)
+                process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
-                return process.wait()
+                process.wait()
+            raise
 
 
 class Log:
@@ -820,8 +827,8 @@ def new_log_path(logs: Path, command: str, now: _dt.datetime | None = None) -> P
     return logs / f"{command}-{now:%Y%m%d-%H%M%S}.log"
 
 
-def prune_logs(logs: Path, keep: int = LOGS_KEPT) -> None:
-    """Delete all but the newest ``keep`` logs of each command."""
+def prune_logs(logs: Path, keep: Mapping[str, int] | int | None = None) -> None:
+    """Delete all but the newest logs of each command (``keep`` of them, or LOGS_KEPT's number)."""
     try:
         files = sorted(logs.glob("*-????????-??????.log"), reverse=True)
     except OSError:
@@ -830,7 +837,8 @@ def prune_logs(logs: Path, keep: int = LOGS_KEPT) -> None:
     for path in files:
         command = path.name.rsplit("-", 2)[0]
         seen[command] = seen.get(command, 0) + 1
-        if seen[command] > keep:
+        limit = keep if isinstance(keep, int) else (LOGS_KEPT if keep is None else keep).get(command, LOGS_KEPT_DEFAULT)
+        if seen[command] > limit:
             try:
                 path.unlink()
             except OSError:
@@ -856,12 +864,18 @@ class Context:
     dry_run: bool = False
 
     def run_pip(self, command: list[str], failure: str) -> None:
+        """Run pip on the console, where it draws its progress bars; its own detailed log is named in ``--log``."""
         self.log.say("> " + format_command(command))
         if self.dry_run:
             return
         code = self.runner.inherit(command, cwd=str(self.paths.app), env=self.env)
+        self.log.note(f"pip exited with status {code}")
         if code != 0:
-            raise LauncherError(EXIT_INSTALL, f"{failure} (pip exited with status {code}). Check the internet connection and the messages above, then start FramePack again.")
+            detail = f" pip's detailed log is {command[command.index('--log') + 1]}." if "--log" in command else ""
+            raise LauncherError(
+                EXIT_INSTALL,
+                f"{failure} (pip exited with status {code}). Check the internet connection and the messages above, then start FramePack again.{detail}",
+            )
 
 
 def ensure_venv(ctx: Context, plan: InstallPlan) -> None:
@@ -1017,7 +1031,8 @@ def setup(ctx: Context, reinstall: bool = False) -> TorchBuild:
 
     # 4. The environment, then pip
     ensure_venv(ctx, plan)
-    for command in install_commands(paths.venv_python, build, paths.requirements, plan, ctx.log.path):
+    pip_log = None if ctx.dry_run else new_log_path(paths.logs, "pip")
+    for command in install_commands(paths.venv_python, build, paths.requirements, plan, pip_log):
         is_torch = any(arg.startswith("torch") for arg in command[4:]) or "uninstall" in command
         ctx.run_pip(command, "PyTorch could not be installed" if is_torch else "The packages in requirements.txt could not be installed")
 
@@ -1058,13 +1073,13 @@ def start_app(ctx: Context, app_args: Sequence[str]) -> int:
     paths = ctx.paths
     if not paths.app_script.is_file():
         raise LauncherError(EXIT_APP, f"{paths.app_script} is missing: the download is incomplete. Download FramePack again.")
-    if ctx.env.get("FRAMEPACK_SKIP_DISK_CHECK") != "1":
-        missing = models_needed_gb(app_args, paths.hf_home)
-        if missing > 0:
-            check_disk_space(paths.hf_home, missing, f"the models (about {MODELS_GB:.0f} GB in all)", ctx.free_space)
+    missing = models_needed_gb(app_args, paths.hf_home)
+    if missing > 0 and ctx.env.get("FRAMEPACK_SKIP_DISK_CHECK") != "1":
+        check_disk_space(paths.hf_home, missing, f"the models (about {MODELS_GB:.0f} GB in all)", ctx.free_space)
     command = [str(paths.venv_python), str(paths.app_script), "--server", "127.0.0.1", "--inbrowser", *app_args]
-    ctx.log.say("Starting FramePack; the browser opens when it is ready. The first start downloads the models, "
-                f"about {MODELS_GB:.0f} GB, into {paths.hf_home}.")
+    ctx.log.say("Starting FramePack; the browser opens when it is ready.")
+    if missing > 0:
+        ctx.log.say(f"The first video downloads the models (up to {missing:.0f} GB) into {paths.hf_home}; that takes a while.")
     ctx.log.say("> " + format_command(command))
     if ctx.dry_run:
         return 0
@@ -1117,14 +1132,17 @@ def update_code(app: Path, runner: Runner, env: Mapping[str, str], now: _dt.date
     are saved with ``git stash`` (and named in the messages); local commits are kept on a backup branch.
     """
     env = {**env, "GIT_TERMINAL_PROMPT": "0"}  # never wait for a password nobody will type
-    if not (app / ".git").exists():
-        raise LauncherError(
-            EXIT_UPDATE,
-            f"{app} is not a git checkout (it was probably downloaded as a ZIP), so it cannot update itself. Download the "
-            f"new version and unpack it over this folder; your models in hf_download and the .venv are kept.",
-        )
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     messages: list[str] = []
+    if not (app / ".git").exists():
+        url = env.get("FRAMEPACK_REPO_URL") or REPO_URL
+        if not url:
+            raise LauncherError(
+                EXIT_UPDATE,
+                f"{app} is not a git checkout (it was probably downloaded as a ZIP), so it cannot update itself. Download the "
+                f"new version and unpack it over this folder; your models in hf_download and the .venv are kept.",
+            )
+        messages += _checkout_in_place(app, runner, env, url, stamp)
     _git(runner, app, env, "fetch", "--quiet", timeout=900)
     upstream = _git(runner, app, env, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}", check=False)
     if upstream.returncode != 0:
@@ -1133,7 +1151,7 @@ def update_code(app: Path, runner: Runner, env: Mapping[str, str], now: _dt.date
     counts = _git(runner, app, env, "rev-list", "--left-right", "--count", "HEAD...@{upstream}").output.split()
     ahead, behind = int(counts[0]), int(counts[1])
     if behind == 0:
-        return UpdateResult(False, (f"Already up to date with {upstream_name}.",))
+        return UpdateResult(bool(messages), (*messages, f"Already up to date with {upstream_name}."))
     old = _git(runner, app, env, "rev-parse", "--short", "HEAD").output.strip()
     local = set(_paths_z(_git(runner, app, env, "diff", "--name-only", "-z", "HEAD").output))
     incoming = set(_paths_z(_git(runner, app, env, "diff", "--name-only", "-z", "HEAD", "@{upstream}").output))
@@ -1159,11 +1177,34 @@ def update_code(app: Path, runner: Runner, env: Mapping[str, str], now: _dt.date
     else:
         _git(runner, app, env, "merge", "--ff-only", "--quiet", "@{upstream}")
     new = _git(runner, app, env, "rev-parse", "--short", "HEAD").output.strip()
-    messages.insert(0, f"Updated {old} -> {new} ({behind} new commit(s) from {upstream_name}).")
+    messages.insert(0 if not messages else 1, f"Updated {old} -> {new} ({behind} new commit(s) from {upstream_name}).")
     kept = sorted(local - set(in_the_way))
     if kept:
         messages.append(f"Your changes to {', '.join(kept)} did not conflict and are still in place.")
     return UpdateResult(True, tuple(messages), stash, backup)
+
+
+def _checkout_in_place(app: Path, runner: Runner, env: Mapping[str, str], url: str, stamp: str) -> list[str]:
+    """Make a folder unpacked from a ZIP into a git checkout of ``url``'s default branch.
+
+    Nothing is lost: files that differ from the repository (an older version, or your edits)
+    are saved with git stash before the repository's files replace them.
+    """
+    _git(runner, app, env, "init", "--quiet")
+    _git(runner, app, env, "remote", "add", "origin", url)
+    _git(runner, app, env, "fetch", "--quiet", "origin", timeout=900)
+    _git(runner, app, env, "remote", "set-head", "origin", "--auto")
+    branch = _git(runner, app, env, "rev-parse", "--abbrev-ref", "origin/HEAD").output.strip().split("/", 1)[-1]
+    _git(runner, app, env, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+    _git(runner, app, env, "reset", "--quiet", f"origin/{branch}")  # the index only; the files stay as unpacked
+    _git(runner, app, env, "branch", "--quiet", "--set-upstream-to", f"origin/{branch}")
+    differing = sorted(set(_paths_z(_git(runner, app, env, "diff", "--name-only", "-z", "HEAD").output)))
+    messages = [f"This folder was not a git checkout (a ZIP download); it now is one, of {url} ({branch})."]
+    if differing:
+        stash = f"framepack update {stamp}: files of the ZIP download"
+        _git(runner, app, env, "stash", "push", "--message", stash, "--", *differing)
+        messages.append(f"{len(differing)} file(s) differed from the repository; they were saved with git stash as \"{stash}\".")
+    return messages
 
 
 # --------------------------------------------------------------------------------------------
@@ -1231,7 +1272,10 @@ def cmd_update(ctx: Context) -> int:
 def cmd_test(ctx: Context, pytest_args: Sequence[str]) -> int:
     setup(ctx)
     python = str(ctx.paths.venv_python)
-    if ctx.dry_run or ctx.runner.capture([python, "-c", "import pytest"], env=ctx.env, timeout=120).returncode != 0:
+    dev_requirements = ctx.paths.app / "requirements-dev.txt"
+    if dev_requirements.is_file():
+        ctx.run_pip([python, "-m", "pip", "install", "-r", str(dev_requirements)], "The test requirements could not be installed")
+    elif ctx.dry_run or ctx.runner.capture([python, "-c", "import pytest"], env=ctx.env, timeout=120).returncode != 0:
         ctx.run_pip([python, "-m", "pip", "install", PYTEST_REQUIREMENT], "pytest could not be installed")
     command = [python, "-m", "pytest", *(pytest_args or ["-q", "tests"])]
     ctx.log.say("> " + format_command(command))

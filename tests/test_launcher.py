@@ -321,6 +321,8 @@ def test_models_needed(tmp_path):
     local = ["--hunyuan", folders[0], "--siglip", folders[1], f"--transformer={folders[2]}"]
     assert launcher.models_needed_gb(local, tmp_path / "hf") == 0
     assert launcher.models_needed_gb(local[:4], tmp_path / "hf") == launcher.MODELS_GB
+    per_model = [*local[:4], "--f1-transformer", folders[2]]
+    assert launcher.models_needed_gb(per_model, tmp_path / "hf") == 0
 
 
 def test_check_writable(tmp_path):
@@ -403,9 +405,12 @@ def test_log_files_are_pruned(tmp_path):
     for day in range(1, 26):
         (tmp_path / f"run-202611{day:02d}-120000.log").write_text("x")
     (tmp_path / "update-20261101-120000.log").write_text("x")
-    launcher.prune_logs(tmp_path, keep=20)
+    for day in range(1, 6):
+        (tmp_path / f"pip-202611{day:02d}-120000.log").write_text("x")
+    launcher.prune_logs(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 21 and "run-20261105-120000.log" not in names and "run-20261106-120000.log" in names
+    assert len(names) == 20 + 1 + 3 and "run-20261105-120000.log" not in names and "run-20261106-120000.log" in names
+    assert [n for n in names if n.startswith("pip-")] == ["pip-20261103-120000.log", "pip-20261104-120000.log", "pip-20261105-120000.log"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -471,7 +476,9 @@ def test_first_run_installs_then_starts_the_app(app):
     code, out, ctx = run_command(app, runner, "run", ["--port", "7861"])
     assert code == launcher.EXIT_OK, out
     venv_python = str(app / ".venv" / "bin" / "python")
-    assert runner.commands("inherit") == launcher.install_commands(venv_python, build_for(SMI_4090), app / "requirements.txt", log_file=ctx.log.path)
+    pip_log = Path(runner.commands("inherit")[0][5])  # pip keeps its own, verbose, log
+    assert pip_log.parent == app / "logs" and pip_log.name.startswith("pip-")
+    assert runner.commands("inherit") == launcher.install_commands(venv_python, build_for(SMI_4090), app / "requirements.txt", log_file=pip_log)
     assert runner.commands("capture")[1] == [sys.executable, "-m", "venv", str(app / ".venv")]
     assert runner.commands("tee") == [[venv_python, str(app / "demo_gradio.py"), "--server", "127.0.0.1", "--inbrowser", "--port", "7861"]]
     assert "GPU: NVIDIA GeForce RTX 4090, 24 GB, compute capability 8.9, driver 572.16" in out
@@ -497,12 +504,9 @@ def test_changed_requirements_are_installed_again(app):
         file.write("rich>=13\n")
     runner = FakeRunner()
     code, out, _ = run_command(app, runner, "setup")
-    assert code == 0 and [c[3:] for c in runner.commands("inherit")] == [["install", "--log", str(_log(app, "setup")), "-r", str(app / "requirements.txt")]]
+    (command,) = runner.commands("inherit")
+    assert code == 0 and command[3:4] + command[6:] == ["install", "-r", str(app / "requirements.txt")]
     assert "requirements.txt changed since the last install" in out
-
-
-def _log(app, command):
-    return max((app / "logs").glob(f"{command}-*.log"))
 
 
 def test_driver_too_old_stops_before_installing(app):
@@ -519,6 +523,7 @@ def test_pip_failure(app):
     code, out, _ = run_command(app, FakeRunner(pip_status=1), "run")
     assert code == launcher.EXIT_INSTALL
     assert "ERROR: PyTorch could not be installed (pip exited with status 1). Check the internet connection" in out
+    assert re.search(r"pip's detailed log is .*pip-\d{8}-\d{6}\.log\.", out)
 
 
 def test_cpu_torch_on_a_gpu_machine_is_reported(app):
@@ -552,7 +557,9 @@ def test_not_enough_disk_for_install_or_models(app):
     code, out, _ = run_command(app, FakeRunner(), "run", free=20.0)
     assert code == launcher.EXIT_DISK and "ERROR: Not enough disk space for the models (about 43 GB in all): 43 GB are needed" in out
     code, out, _ = run_command(app, FakeRunner(), "run", ["--tiny"], free=20.0)
-    assert code == 0
+    assert code == 0 and "downloads the models" not in out
+    code, out, _ = run_command(app, FakeRunner(), "run", free=50.0)
+    assert code == 0 and "The first video downloads the models (up to 43 GB) into" in out
 
 
 def test_app_failure_and_missing_app(app):
@@ -594,6 +601,32 @@ def test_test_command_adds_pytest_and_passes_arguments(app):
     venv_python = str(app / ".venv" / "bin" / "python")
     assert code == 0
     assert runner.commands("inherit")[-2:] == [[venv_python, "-m", "pip", "install", "pytest>=8,<10"], [venv_python, "-m", "pytest", "-k", "launcher"]]
+    # With requirements-dev.txt, that is what is installed; and the default is the whole suite.
+    (app / "requirements-dev.txt").write_text("pytest>=8,<10\n")
+    runner = FakeRunner()
+    code, _, _ = run_command(app, runner, "test")
+    assert code == 0
+    assert runner.commands("inherit")[-2:] == [[venv_python, "-m", "pip", "install", "-r", str(app / "requirements-dev.txt")], [venv_python, "-m", "pytest", "-q", "tests"]]
+
+
+def test_ctrl_c_stops_quietly(app):
+    class Interrupted(FakeRunner):
+        def tee(self, command, log, **_):
+            raise KeyboardInterrupt
+
+    run_command(app, FakeRunner(), "setup")
+    code, out, _ = run_command(app, Interrupted(), "run")
+    assert code == 0 and out.rstrip().endswith("Stopped.") and "ERROR" not in out
+
+
+def test_tee_copies_the_output_to_console_and_log(tmp_path):
+    out = io.StringIO()
+    log = launcher.Log(tmp_path / "run.log", stream=out)
+    script = "import sys; sys.stdout.write('caf\\u00e9 1\\n'); sys.stdout.flush(); sys.stderr.write('two\\n'); sys.exit(3)"
+    code = launcher.Runner().tee([sys.executable, "-c", script], log, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert code == 3
+    assert out.getvalue().splitlines() == ["café 1", "two"]
+    assert (tmp_path / "run.log").read_text(encoding="utf-8").splitlines() == ["café 1", "two"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -701,6 +734,25 @@ def test_update_outside_a_checkout(tmp_path):
     with pytest.raises(LauncherError) as caught:
         update(tmp_path)
     assert caught.value.exit_code == launcher.EXIT_UPDATE and "is not a git checkout (it was probably downloaded as a ZIP)" in caught.value.message
+
+
+def test_update_turns_a_zip_download_into_a_checkout(checkout, tmp_path):
+    clone, publish = checkout
+    upstream = clone.parent / "upstream"
+    unpacked = tmp_path / "FramePack from zip"
+    unpacked.mkdir()
+    subprocess.run(f"git archive HEAD | tar -x -C '{unpacked}'", shell=True, cwd=upstream, check=True)
+    publish("demo_gradio.py", "v2\n")
+    (unpacked / "README.md").write_text("my edit\n")
+    (unpacked / "user.bat").write_text("mine\n")
+    result = launcher.update_code(unpacked, launcher.Runner(), {**os.environ, "FRAMEPACK_REPO_URL": str(upstream)})
+    assert result.changed
+    assert result.messages[0] == f"This folder was not a git checkout (a ZIP download); it now is one, of {upstream} (main)."
+    assert (unpacked / "demo_gradio.py").read_text() == "v2\n" and (unpacked / "README.md").read_text() == "readme v1\n"
+    assert (unpacked / "user.bat").read_text() == "mine\n"
+    assert "files of the ZIP download" in git(unpacked, "stash", "list")
+    assert git(unpacked, "stash", "show", "-p").count("+my edit") == 1
+    assert launcher.update_code(unpacked, launcher.Runner(), dict(os.environ)).messages == ("Already up to date with origin/main.",)
 
 
 def test_update_without_network_or_git(checkout, monkeypatch):
