@@ -878,15 +878,22 @@ class Context:
             )
 
 
-def ensure_venv(ctx: Context, plan: InstallPlan) -> None:
-    """Create the virtual environment, or repair one whose folder was moved."""
+def check_venv(ctx: Context) -> bool:
+    """Whether a working virtual environment exists; one that no longer starts is repaired or removed."""
     paths = ctx.paths
-    if not plan.create_venv:
-        if _venv_works(ctx):
-            return
-        ctx.log.say(f"The Python environment in {paths.venv} does not start (was the folder moved?); making it again.")
-        if not ctx.dry_run:
-            shutil.rmtree(paths.venv, ignore_errors=True)
+    if not paths.venv_python.exists():
+        return False
+    if _venv_works(ctx):
+        return True
+    ctx.log.say(f"The Python environment in {paths.venv} does not start (was the folder moved?); making it again.")
+    if not ctx.dry_run:
+        shutil.rmtree(paths.venv, ignore_errors=True)
+    return False
+
+
+def create_venv(ctx: Context) -> None:
+    """Create the virtual environment with pip in it."""
+    paths = ctx.paths
     ctx.log.say(f"Creating the Python environment in {paths.venv}")
     command = venv_command(ctx.base_python, paths.venv)
     ctx.log.say("> " + format_command(command))
@@ -1011,8 +1018,9 @@ def setup(ctx: Context, reinstall: bool = False) -> TorchBuild:
     # 3. What is missing
     marker = read_marker(paths.marker)
     requirements_sha = sha256_of(paths.requirements)
-    plan = plan_install(marker, build, requirements_sha, paths.venv_python.exists(), reinstall)
-    if plan.install_torch and not marker and not reinstall and paths.venv_python.exists() and not ctx.dry_run:
+    venv_ok = check_venv(ctx)
+    plan = plan_install(marker if venv_ok else None, build, requirements_sha, venv_ok, reinstall)
+    if plan.install_torch and not marker and not reinstall and venv_ok and not ctx.dry_run:
         # An environment without our marker (made by hand, or an install cut short): keep a PyTorch that fits.
         info = _probe_torch(ctx)
         if installed_torch_fits(info, build):
@@ -1020,7 +1028,6 @@ def setup(ctx: Context, reinstall: bool = False) -> TorchBuild:
     for note in plan.notes:
         ctx.log.say(note)
     if plan.nothing:
-        ensure_venv(ctx, plan)
         ctx.log.say("Python packages are installed.")
         return build
     if plan.install_torch or plan.create_venv:
@@ -1030,7 +1037,8 @@ def setup(ctx: Context, reinstall: bool = False) -> TorchBuild:
         ctx.log.say(f"Installing PyTorch and the other packages: {size} to download, which takes a while the first time.")
 
     # 4. The environment, then pip
-    ensure_venv(ctx, plan)
+    if plan.create_venv:
+        create_venv(ctx)
     pip_log = None if ctx.dry_run else new_log_path(paths.logs, "pip")
     for command in install_commands(paths.venv_python, build, paths.requirements, plan, pip_log):
         is_torch = any(arg.startswith("torch") for arg in command[4:]) or "uninstall" in command

@@ -550,6 +550,24 @@ def test_a_hand_made_venv_with_a_fitting_torch_is_kept(app):
     assert [c[3] for c in runner.commands("inherit")] == ["install"] and runner.commands("inherit")[0][-2] == "-r"
 
 
+def test_a_broken_venv_is_made_again_and_filled(app):
+    run_command(app, FakeRunner(), "setup")
+
+    class MovedVenv(FakeRunner):
+        def capture(self, command, **kwargs):
+            if list(map(str, command))[1:] == ["-c", "import sys"]:
+                self.calls.append(("capture", [str(c) for c in command]))
+                return launcher.Completed(101, "did not find executable")
+            return super().capture(command, **kwargs)
+
+    runner = MovedVenv()
+    code, out, _ = run_command(app, runner, "run")
+    assert code == 0, out
+    assert "does not start (was the folder moved?); making it again." in out
+    assert [c[1:3] for c in runner.commands("capture") if c[1:3] == ["-m", "venv"]] == [["-m", "venv"]]
+    assert [c[3] for c in runner.commands("inherit")] == ["install", "install"]  # torch, then the requirements
+
+
 def test_not_enough_disk_for_install_or_models(app):
     code, out, _ = run_command(app, FakeRunner(), "run", free=5.0)
     assert code == launcher.EXIT_DISK and "ERROR: Not enough disk space for PyTorch and the other Python packages: 9 GB" in out
