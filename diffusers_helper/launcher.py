@@ -39,6 +39,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -958,19 +959,22 @@ def _repair_moved_venv(venv: Path, base_python: Path) -> bool:
     return True
 
 
-def pip_wheel_url(pypi_json: Mapping) -> str | None:
-    """The URL of the pip wheel in PyPI's JSON for the pip project."""
+PIP_JSON_URL = "https://pypi.org/pypi/pip/json"
+
+
+def pip_wheel_url(pypi_json: Mapping, base: str = PIP_JSON_URL) -> str | None:
+    """The URL of the pip wheel in PyPI's JSON for the pip project (mirrors may give it relative to ``base``)."""
     for item in pypi_json.get("urls", []):
         if item.get("packagetype") == "bdist_wheel" and str(item.get("filename", "")).endswith(".whl"):
-            return item.get("url")
+            return urllib.parse.urljoin(base, item.get("url", ""))
     return None
 
 
 def bootstrap_pip(ctx: Context) -> bool:
     """Install pip into a venv made ``--without-pip``, from PyPI's wheel (pip can run from its own wheel)."""
     try:
-        with urllib.request.urlopen("https://pypi.org/pypi/pip/json", timeout=60) as response:
-            url = pip_wheel_url(json.load(response))
+        with urllib.request.urlopen(PIP_JSON_URL, timeout=60) as response:
+            url = pip_wheel_url(json.load(response), response.geturl())
         if not url:
             return False
         with tempfile.TemporaryDirectory(dir=ctx.env.get("TEMP") or None) as folder:

@@ -366,6 +366,15 @@ def test_installed_torch_fits():
     assert not launcher.installed_torch_fits({"error": "ModuleNotFoundError: No module named 'torch'"}, cpu)
 
 
+def test_pip_wheel_url():
+    data = {"urls": [{"packagetype": "sdist", "filename": "pip-26.3.tar.gz", "url": "https://files/pip-26.3.tar.gz"},
+                     {"packagetype": "bdist_wheel", "filename": "pip-26.3-py3-none-any.whl", "url": "https://files/pip-26.3-py3-none-any.whl"}]}
+    assert launcher.pip_wheel_url(data) == "https://files/pip-26.3-py3-none-any.whl"
+    data["urls"][1]["url"] = "../../packages/pip-26.3-py3-none-any.whl"
+    assert launcher.pip_wheel_url(data, "https://mirror/pypi/pip/json") == "https://mirror/packages/pip-26.3-py3-none-any.whl"
+    assert launcher.pip_wheel_url({"urls": []}) is None
+
+
 def test_split_args_keeps_windows_paths():
     assert launcher.split_args(r'--hunyuan "D:\my models\HunyuanVideo" --vram low') == ["--hunyuan", r"D:\my models\HunyuanVideo", "--vram", "low"]
     assert launcher.split_args("") == []
