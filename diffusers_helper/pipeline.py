@@ -143,8 +143,10 @@ def run_job(
     try:
         emit(job.run(image, Path(output), save_latents, metadata or {}))
     except JobCancelled:
+        job.record_status("cancelled")
         emit(Cancelled(video_path=job.latest_video, frames=job.frames))
     except ValueError as exc:
+        job.record_status("failed", str(exc))
         emit(Failed(str(exc), video_path=job.latest_video))
     except Exception as exc:  # noqa: BLE001 - a job must end with an event, never kill the worker
         if is_out_of_memory(exc):
@@ -155,6 +157,7 @@ def run_job(
         else:
             logger.exception("generation failed")
             message = f"Generation failed: {type(exc).__name__}: {exc}"
+        job.record_status("failed", message)
         emit(Failed(message, video_path=job.latest_video))
     finally:
         job.cleanup()
@@ -171,8 +174,24 @@ class _Job:
         self.emit = emit
         self.latest_video: Optional[Path] = None
         self.frames = 0
+        self.sections_done = 0
         self._writer = None
         self._teacache = None
+        self._sidecar: Optional[Path] = None
+        self._record: dict[str, Any] = {}
+
+    def record_status(self, status: str, message: Optional[str] = None) -> None:
+        """Write how the job ended into its sidecar, once the job has one."""
+        if self._sidecar is None:
+            return
+        data = {**self._record, "status": status, "sections_done": self.sections_done, "frames": self.frames,
+                "video": self.latest_video.name if self.latest_video else None}
+        if message:
+            data["message"] = message
+        try:
+            _write_json(self._sidecar, data)
+        except OSError:
+            logger.exception("could not update %s", self._sidecar)
 
     def cleanup(self) -> None:
         if self._teacache is not None:
@@ -211,6 +230,7 @@ class _Job:
             "settings": s.to_dict(),
         }
         _write_json(paths.sidecar, {**record, "status": "running", "sections_done": 0})
+        self._sidecar, self._record = paths.sidecar, record
 
         # 2. Encode the prompt (LLaMA + CLIP-L)
         self.stage("text", "Encoding the prompt")
@@ -296,6 +316,7 @@ class _Job:
             next_overlap = 0 if plan.is_last else s.window * 4 - 3
             self.latest_video = writer.add_section(pixels, overlap, paths.partial(section), next_overlap=next_overlap)
             self.frames = writer.frames
+            self.sections_done = section
             if previous is not None and previous != self.latest_video:
                 previous.unlink(missing_ok=True)
             _write_json(paths.sidecar, {**record, "status": "running", "sections_done": section,

@@ -161,6 +161,9 @@ def test_cancel_keeps_the_finished_sections(tiny_components, image, tmp_path):
     assert last.video_path is not None and last.video_path.exists()
     assert read_frames(last.video_path).shape[0] == last.frames == [e for e in events if isinstance(e, SectionDone)][0].frames
     assert not (tmp_path / "c.mp4").exists()
+    sidecar = json.loads((tmp_path / "c.json").read_text())
+    assert sidecar["status"] == "cancelled" and sidecar["sections_done"] == 1
+    assert sidecar["video"] == last.video_path.name and sidecar["frames"] == last.frames
     # the cancel came within one sampling step of the section's end
     assert sum(isinstance(e, StepProgress) for e in events) <= settings.steps + 1
 
