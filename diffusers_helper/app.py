@@ -486,19 +486,19 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
                     end = gr.Button("End Generation", variant="stop", interactive=False, elem_id="fp-end")
                 with gr.Group():
                     teacache = gr.Checkbox(label="Use TeaCache", value=d.teacache,
-                                           info="Faster, but hands and fingers may come out a little worse.")
+                                           info="Skips transformer work on steps that change little: about twice as fast, small details can suffer.")
                     with gr.Row(equal_height=True):
                         seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, scale=4, elem_id="fp-seed")
                         randomize = gr.Button("Random seed", scale=1, size="sm")
                     seconds = slider("seconds", "Total Video Length (Seconds)", d.seconds, elem_id="fp-seconds")
-                    steps = slider("steps", "Steps", d.steps, info="Changing this is not recommended.")
+                    steps = slider("steps", "Steps", d.steps, info="The released models were tuned for 25.")
                     distilled_cfg = slider("distilled_cfg", "Distilled CFG Scale", d.distilled_cfg,
-                                           info="Changing this is not recommended.")
-                    gpu_memory = slider("gpu_memory_preservation", "GPU Inference Preserved Memory (GB) (larger means slower)",
+                                           info="The released models were distilled for 10.")
+                    gpu_memory = slider("gpu_memory_preservation", "GPU Inference Preserved Memory (GB)",
                                         d.gpu_memory_preservation,
-                                        info="Raise it if you run out of memory; larger is slower.")
+                                        info="Memory kept free for the computation when models are streamed; raise it after an out-of-memory error (slower).")
                     crf = slider("crf", "MP4 Compression", d.crf,
-                                 info="Lower means better quality; 0 is the best. Try 16 if you get black videos.")
+                                 info="H.264 quality: lower is better and larger; 0 and 1 give the same result (the browser-safe best).")
                 with gr.Accordion("Advanced", open=False):
                     negative_prompt = gr.Textbox(label="Negative Prompt", value=d.negative_prompt,
                                                  info="Only used when CFG Scale is above 1.")
