@@ -23,15 +23,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from .events import CancelToken, Cancelled, Event, Failed, Finished, Stage
 from .settings import GenerationSettings, ModelSources
-
-if TYPE_CHECKING:
-    from .memory import VramMode
 
 logger = logging.getLogger(__name__)
 
@@ -235,24 +232,6 @@ class JobQueue:
 # What the worker runs for a job
 
 
-def choose_vram_mode(requested: str, device) -> "VramMode":
-    """VramMode for --vram: 'high'/'low' as asked; 'auto' keeps everything resident on GPUs of 60 GiB or more."""
-    import torch
-
-    from .memory import VramMode
-
-    if requested in ("high", "low"):
-        return VramMode(requested)
-    if requested != "auto":
-        raise ValueError(f"--vram must be auto, high or low, not {requested!r}.")
-    device = torch.device(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        # The reference's threshold: below it the models do not all fit next to the activations.
-        return VramMode.HIGH if total >= 60 * 1024**3 else VramMode.LOW
-    return VramMode.HIGH
-
-
 class ModelCache:
     """The loaded components: shared ones once, one transformer at a time (the other variant's is released)."""
 
@@ -354,7 +333,7 @@ class FramePackRunner:
 
     def __call__(self, job: Job) -> Iterator[Event]:
         from .events import JobCancelled
-        from .memory import Placement
+        from .memory import Placement, choose_vram_mode
         from .pipeline import generate
 
         settings = job.request.settings

@@ -49,6 +49,23 @@ class Placement:
                 empty_cache(self.device)
 
 
+# Below this much GPU memory the models do not all fit next to the activations (the reference's threshold).
+HIGH_VRAM_MIN_BYTES = 60 * 1024**3
+
+
+def choose_vram_mode(requested: str, device) -> VramMode:
+    """VramMode for --vram: 'high'/'low' as asked; 'auto' keeps everything resident on GPUs of 60 GiB or more."""
+    if requested in ("high", "low"):
+        return VramMode(requested)
+    if requested != "auto":
+        raise ValueError(f"--vram must be auto, high or low, not {requested!r}.")
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return VramMode.HIGH if total >= HIGH_VRAM_MIN_BYTES else VramMode.LOW
+    return VramMode.HIGH
+
+
 def empty_cache(device: torch.device) -> None:
     """Give cached accelerator memory back after a model leaves the device."""
     gc.collect()

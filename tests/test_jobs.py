@@ -25,11 +25,10 @@ from diffusers_helper.jobs import (
     ModelCache,
     OutputNamer,
     Queued,
-    choose_vram_mode,
     list_outputs,
     read_output,
 )
-from diffusers_helper.memory import VramMode
+from diffusers_helper.memory import VramMode, choose_vram_mode
 from diffusers_helper.settings import GenerationSettings
 
 TIMEOUT = 20.0
