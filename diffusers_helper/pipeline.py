@@ -83,6 +83,54 @@ class OutputPaths:
         return [p for p in (self.video, self.input_image, self.sidecar, self.latents) if p.exists()]
 
 
+@dataclass(frozen=True)
+class ResumeState:
+    """What an interrupted job left on disk: enough to continue it after its last finished section."""
+
+    output: Path
+    settings: GenerationSettings
+    record: dict
+    sections_done: int
+    history_latents: torch.Tensor  # the generated latents so far, in time order
+    start_latent: torch.Tensor
+
+
+def load_resume_state(output: Path | str) -> ResumeState:
+    """Read an unfinished job's sidecar, cropped input and latents; ValueError when it can't be resumed."""
+    from safetensors.torch import load_file
+
+    paths = OutputPaths(Path(output))
+    if paths.video.exists():
+        raise ValueError(f"{paths.video.name} is already finished; there is nothing to resume.")
+    for needed in (paths.sidecar, paths.input_image, paths.latents):
+        if not needed.exists():
+            raise ValueError(f"Can't resume {paths.video.name}: {needed.name} is missing (the job stopped before its first section).")
+    try:
+        record = json.loads(paths.sidecar.read_text(encoding="utf-8"))
+        settings = GenerationSettings.from_dict(record["settings"])
+        tensors = load_file(str(paths.latents))
+        history, start = tensors["history_latents"], tensors["start_latent"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"Can't resume {paths.video.name}: its files are damaged ({exc}).") from None
+    # the latents are written before the video and the sidecar, so they say how far the job got
+    generated = history.shape[2] - (1 if settings.model == "f1" else 0)
+    done, rest = divmod(generated, settings.window)
+    if rest or not 1 <= done < settings.sections:
+        raise ValueError(f"Can't resume {paths.video.name}: its latents don't match its settings.")
+    record = {k: v for k, v in record.items() if k not in _PROGRESS_KEYS}
+    return ResumeState(paths.video, settings, record, done, history, start)
+
+
+_PROGRESS_KEYS = ("status", "sections_done", "frames", "elapsed_seconds", "video", "message")
+
+
+def resume(components, output: Path | str, **kwargs) -> Iterator[Event]:
+    """Continue an interrupted job from its last finished section; the result equals an uninterrupted run."""
+    state = load_resume_state(output)
+    return generate(components, state.settings, OutputPaths(state.output).input_image, state.output,
+                    resume_state=state, metadata=state.record, **kwargs)
+
+
 def generate(
     components,
     settings: GenerationSettings,
@@ -93,6 +141,7 @@ def generate(
     placement: Optional[Placement] = None,
     save_latents: Optional[Path | str] = None,
     metadata: Optional[dict[str, Any]] = None,
+    resume_state: Optional[ResumeState] = None,
 ) -> Iterator[Event]:
     """Run one job and yield its events; the last event is Finished, Failed or Cancelled.
 
@@ -106,7 +155,7 @@ def generate(
     def work() -> None:
         try:
             run_job(components, settings, image, output, emit=events.put, cancel=cancel,
-                    placement=placement, save_latents=save_latents, metadata=metadata)
+                    placement=placement, save_latents=save_latents, metadata=metadata, resume_state=resume_state)
         finally:
             events.put(done)
 
@@ -135,13 +184,14 @@ def run_job(
     placement: Optional[Placement] = None,
     save_latents: Optional[Path | str] = None,
     metadata: Optional[dict[str, Any]] = None,
+    resume_state: Optional[ResumeState] = None,
 ) -> None:
     """Run one job, calling `emit` with each event; ends with exactly one Finished, Failed or Cancelled."""
     cancel = cancel or CancelToken()
     placement = placement or Placement(components.device)
     job = _Job(components, settings, placement, cancel, emit)
     try:
-        emit(job.run(image, Path(output), save_latents, metadata or {}))
+        emit(job.run(image, Path(output), save_latents, metadata or {}, resume_state))
     except JobCancelled:
         job.record_status("cancelled")
         emit(Cancelled(video_path=job.latest_video, frames=job.frames))
@@ -202,7 +252,8 @@ class _Job:
             self._writer = None
         empty_cache(self.placement.device)
 
-    def run(self, image, output: Path, save_latents, metadata: dict[str, Any]) -> Finished:
+    def run(self, image, output: Path, save_latents, metadata: dict[str, Any],
+            resume_state: Optional[ResumeState] = None) -> Finished:
         from .teacache import apply_teacache
         from .video import SectionVideoWriter
 
@@ -215,7 +266,9 @@ class _Job:
         paths = OutputPaths(output)
         if paths.video.suffix.lower() != ".mp4":
             raise ValueError(f"The output must be an .mp4 file, not '{paths.video.name}'.")
-        clash = paths.existing() + ([Path(save_latents)] if save_latents and Path(save_latents).exists() else [])
+        clash = [paths.video] if resume_state else paths.existing()
+        clash = [p for p in clash if p.exists()]
+        clash += [Path(save_latents)] if save_latents and Path(save_latents).exists() else []
         if clash:
             raise ValueError(f"{clash[0]} already exists; choose another output name (outputs are never overwritten).")
         pixels_in = load_image(image)
@@ -229,7 +282,8 @@ class _Job:
             "model": model,
             "settings": s.to_dict(),
         }
-        _write_json(paths.sidecar, {**record, "status": "running", "sections_done": 0})
+        self.sections_done = resume_state.sections_done if resume_state else 0
+        _write_json(paths.sidecar, {**record, "status": "running", "sections_done": self.sections_done})
         self._sidecar, self._record = paths.sidecar, record
 
         # 2. Encode the prompt (LLaMA + CLIP-L)
@@ -244,15 +298,22 @@ class _Job:
             self.stage("notice", "The prompt is longer than 256 tokens; the rest was cut off.")
         self.cancel.check()
 
-        # 3. Choose the bucket, resize and crop
-        height, width = find_nearest_bucket(pixels_in.shape[0], pixels_in.shape[1], s.resolution)
-        cropped = resize_and_center_crop(pixels_in, width, height)
-        _save_png(cropped, paths.input_image)
+        # 3. Choose the bucket, resize and crop (a resumed job reads back the crop it saved)
+        if resume_state is None:
+            height, width = find_nearest_bucket(pixels_in.shape[0], pixels_in.shape[1], s.resolution)
+            cropped = resize_and_center_crop(pixels_in, width, height)
+            _save_png(cropped, paths.input_image)
+        else:
+            cropped = pixels_in
+            height, width = cropped.shape[:2]
 
         # 4. Encode the start image: VAE latent and SigLIP embedding
-        self.stage("vae_encode", "Encoding the start image")
-        with self.placement.use(c.vae):
-            start_latent = vae_encode(image_to_tensor(cropped), c.vae).float().cpu()
+        if resume_state is None:
+            self.stage("vae_encode", "Encoding the start image")
+            with self.placement.use(c.vae):
+                start_latent = vae_encode(image_to_tensor(cropped), c.vae).float().cpu()
+        else:
+            start_latent = resume_state.start_latent
         preview = LatentPreview.fit(start_latent, cropped)
         self.cancel.check()
         self.stage("image_encoder", "Encoding the image with SigLIP")
@@ -276,17 +337,21 @@ class _Job:
             self._teacache = apply_teacache(transformer, num_steps=s.steps)
         latent_h, latent_w = height // VAE_SPATIAL, width // VAE_SPATIAL
         started = time.monotonic()
+        if resume_state is not None:
+            history, generated_frames = self._replay(resume_state, plans, generator, history, writer, paths,
+                                                     (latent_h, latent_w))
+            plans = plans[resume_state.sections_done:]
 
         for plan in plans:
             self.cancel.check()
             section = plan.index + 1
             layout = layout_for(model, history, s.window, plan)
             noise = torch.randn((1, LATENT_CHANNELS, s.window, latent_h, latent_w), generator=generator, dtype=torch.float32)
-            self.stage("sampling", f"Sampling section {section} of {len(plans)}")
+            self.stage("sampling", f"Sampling section {section} of {s.sections}")
 
             def on_step(info: dict, section: int = section) -> None:
                 self.emit(StepProgress(
-                    step=info["i"] + 1, steps=s.steps, section=section, sections=len(plans),
+                    step=info["i"] + 1, steps=s.steps, section=section, sections=s.sections,
                     frames_so_far=self.frames, preview=preview(info["denoised"]),
                 ))
                 self.cancel.check()
@@ -305,7 +370,7 @@ class _Job:
             real = real_history(model, history, generated_frames)
             _save_latents(paths.latents, {"history_latents": real, "start_latent": start_latent})
 
-            self.stage("vae_decode", f"Decoding section {section} of {len(plans)}")
+            self.stage("vae_decode", f"Decoding section {section} of {s.sections}")
             to_decode, overlap = latents_to_decode(model, real, s.window, first=plan.index == 0, is_last=plan.is_last)
             with self.placement.use(c.vae):
                 pixels = vae_decode(to_decode, c.vae).cpu()
@@ -321,7 +386,7 @@ class _Job:
                 previous.unlink(missing_ok=True)
             _write_json(paths.sidecar, {**record, "status": "running", "sections_done": section,
                                         "elapsed_seconds": round(time.monotonic() - started, 3)})
-            self.emit(SectionDone(section=section, sections=len(plans), video_path=self.latest_video,
+            self.emit(SectionDone(section=section, sections=s.sections, video_path=self.latest_video,
                                   frames=self.frames, latent_frames=generated_frames))
 
         # 6. Put the finished files in place
@@ -332,13 +397,46 @@ class _Job:
         if save_latents:
             latents_path = Path(save_latents)
             _save_latents(latents_path, {"history_latents": final_latents})
-        _write_json(paths.sidecar, {**record, "status": "finished", "sections_done": len(plans),
+        _write_json(paths.sidecar, {**record, "status": "finished", "sections_done": s.sections,
                                     "frames": self.frames, "elapsed_seconds": round(time.monotonic() - started, 3)})
         return Finished(video_path=paths.video, frames=self.frames, latents_path=latents_path,
                         input_image_path=paths.input_image)
 
     def stage(self, name: str, message: str) -> None:
         self.emit(Stage(name, message))
+
+    def _replay(self, state: ResumeState, plans, generator, history, writer, paths: OutputPaths, latent_hw):
+        """Bring a resumed job to where it stopped: the same random draws, history and video pixels.
+
+        The finished sections' video is rebuilt by decoding their saved latents again (decoding is
+        deterministic and cheap next to sampling), so the video equals that of an uninterrupted run.
+        """
+        s, model, done = self.s, self.c.model, state.sections_done
+        self.stage("resume", f"Resuming after section {done} of {s.sections}")
+        partial = paths.partial(done)
+        self.latest_video = partial if partial.exists() else None
+        for _ in range(done):
+            torch.randn((1, LATENT_CHANNELS, s.window, *latent_hw), generator=generator, dtype=torch.float32)
+        saved = state.history_latents
+        if model == "framepack":
+            history = torch.cat([saved, history], dim=2)
+        else:
+            history = torch.cat([history[:, :, :-1], saved], dim=2)
+        for plan in plans[:done]:
+            count = (plan.index + 1) * s.window
+            real = saved[:, :, -count:] if model == "framepack" else saved[:, :, : 1 + count]
+            to_decode, overlap = latents_to_decode(model, real, s.window, first=plan.index == 0, is_last=False)
+            with self.placement.use(self.c.vae):
+                pixels = vae_decode(to_decode, self.c.vae).cpu()
+            self.cancel.check()
+            # the writer always produces a playable file; these rebuilt ones are not needed
+            scratch = paths.video.with_name(f".{paths.stem.name}.replay{plan.index + 1:03d}.mp4")
+            try:
+                writer.add_section(pixels, overlap, scratch, next_overlap=s.window * 4 - 3)
+            finally:
+                scratch.unlink(missing_ok=True)
+        self.frames = writer.frames
+        return history, saved.shape[2]
 
 
 def sample_section(transformer, noise, layout, start_latent, cond, uncond, settings: GenerationSettings, *,

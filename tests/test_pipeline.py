@@ -253,3 +253,45 @@ def test_real_cfg_and_rescale():
     # full rescale gives the CFG direction with the conditional prediction's std
     vr = (x - x0r) / 0.5
     torch.testing.assert_close(vr.std(), (2 * x).std(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["framepack", "f1"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny_components, image, tmp_path, model):
+    from diffusers_helper.pipeline import load_resume_state, resume
+
+    components = tiny_components(model)
+    settings = GenerationSettings(model=model, **FAST)
+    _, last = run(components, settings, image, tmp_path / "whole.mp4", save_latents=tmp_path / "whole.st")
+    assert isinstance(last, Finished)
+
+    # stop after the first section, then make the files look like a killed process left them
+    cancel = CancelToken()
+    out = tmp_path / "cut.mp4"
+    for event in generate(components, settings, image, out, cancel=cancel):
+        if isinstance(event, SectionDone):
+            cancel.cancel()
+    sidecar = OutputPaths(out).sidecar
+    data = json.loads(sidecar.read_text())
+    data["status"] = "running"
+    sidecar.write_text(json.dumps(data))
+    state = load_resume_state(out)
+    assert state.sections_done == 1 and state.settings == settings
+
+    events = list(resume(components, out, save_latents=tmp_path / "cut.st"))
+    assert isinstance(events[-1], Finished), events[-1]
+    assert [e.section for e in events if isinstance(e, SectionDone)] == [2, 3]
+    assert torch.equal(load_file(tmp_path / "cut.st")["history_latents"], load_file(tmp_path / "whole.st")["history_latents"])
+    assert np.array_equal(read_frames(out), read_frames(tmp_path / "whole.mp4"))
+    assert json.loads(sidecar.read_text())["status"] == "finished"
+    assert not list(tmp_path.glob("cut.part*.mp4")) and not list(tmp_path.glob(".cut.*"))
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_components, image, tmp_path):
+    from diffusers_helper.pipeline import load_resume_state
+
+    with pytest.raises(ValueError, match="missing"):
+        load_resume_state(tmp_path / "never.mp4")
+    _, last = run(tiny_components("f1"), GenerationSettings(model="f1", **FAST), image, tmp_path / "done.mp4")
+    assert isinstance(last, Finished)
+    with pytest.raises(ValueError, match="already finished"):
+        load_resume_state(tmp_path / "done.mp4")
