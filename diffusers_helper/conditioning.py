@@ -80,8 +80,11 @@ def load_image(source: Union[str, Path, Image.Image, np.ndarray]) -> np.ndarray:
             raise ImageError(f"Image file not found: {path}")
         try:
             with Image.open(path) as img:
+                _check_size(img)  # before decoding: a small file can claim a huge size
                 img.load()
                 return _pil_to_rgb(img)
+        except ImageError:
+            raise
         except Image.DecompressionBombError:
             raise ImageError(f"{path.name} is too large to process safely; use an image under {MAX_IMAGE_PIXELS // 1_000_000} megapixels.") from None
         except (OSError, SyntaxError, ValueError) as exc:
@@ -91,9 +94,13 @@ def load_image(source: Union[str, Path, Image.Image, np.ndarray]) -> np.ndarray:
     raise ImageError(f"Unsupported image type: {type(source).__name__}.")
 
 
-def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+def _check_size(img: Image.Image) -> None:
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise ImageError(f"The image is too large ({img.width}×{img.height}); use one under {MAX_IMAGE_PIXELS // 1_000_000} megapixels.")
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    _check_size(img)
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float greyscale: scale the full range into 8 bits instead of clipping.

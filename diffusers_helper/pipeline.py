@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -198,6 +200,12 @@ def run_job(
     except ValueError as exc:
         job.record_status("failed", str(exc))
         emit(Failed(str(exc), video_path=job.latest_video))
+    except OSError as exc:
+        # a full disk or an unwritable folder: the files written so far are complete (temp + rename)
+        message = _write_failure(exc, Path(output))
+        logger.warning("job stopped: %s (%s)", message, exc)
+        job.record_status("failed", message)
+        emit(Failed(message, video_path=job.latest_video))
     except Exception as exc:  # noqa: BLE001 - a job must end with an event, never kill the worker
         if is_out_of_memory(exc):
             message = (
@@ -211,6 +219,20 @@ def run_job(
         emit(Failed(message, video_path=job.latest_video))
     finally:
         job.cleanup()
+
+
+def _write_failure(exc: OSError, output: Path) -> str:
+    """What to tell the user when writing a job's files failed."""
+    folder = output.parent
+    target = Path(exc.filename) if isinstance(exc.filename, (str, os.PathLike)) else None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"The disk holding {folder} is full. Free some space or choose another outputs folder; "
+                "finished sections were kept.")
+    if isinstance(exc, FileExistsError) and target is not None and target != folder and target not in folder.parents:
+        return f"{target} already exists; outputs are never overwritten."
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return (f"Could not write to {folder}: {reason}. Check that the outputs folder exists and is writable, or "
+            "choose another one; finished sections were kept.")
 
 
 class _Job:
@@ -540,21 +562,31 @@ class LatentPreview:
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def _save_latents(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _write_json(path: Path, data: dict) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A hidden temporary name beside `path`, renamed over it on success and removed on any error."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk leaves a short temporary file; never leave it behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _rename_new(src: Path, dst: Path) -> None:
