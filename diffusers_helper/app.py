@@ -30,6 +30,7 @@ import numpy as np
 from .events import Cancelled, Failed, Finished, SectionDone, Stage, StepProgress
 from .jobs import (
     BusyError,
+    Job,
     FramePackRunner,
     JobQueue,
     JobRequest,
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=None,
                         help="port to listen on (default: 7860, or the next free one)")
     parser.add_argument("--share", action="store_true", help="also publish the page through a temporary public gradio.live link")
+    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                        help="require this login to use the page and API (may be repeated); others on the command "
+                             "line of this computer can see it, so prefer --auth-file")
+    parser.add_argument("--auth-file", metavar="PATH",
+                        help="require a login from this file: one USER:PASSWORD per line (# starts a comment)")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default web browser")
     parser.add_argument("--outputs", default="outputs", metavar="DIR", help="folder for the videos and their settings (default: outputs)")
     parser.add_argument("--model", default="framepack", choices=list(MODEL_VARIANTS),
@@ -154,23 +160,81 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     try:
         resolve_device(args.device)
+        args.credentials = read_credentials(args.auth, args.auth_file)
     except ValueError as exc:
         parser.error(str(exc))
     return args
 
 
+def read_credentials(pairs: Sequence[str] = (), path: Optional[str] = None) -> list[tuple[str, str]]:
+    """(user, password) pairs from --auth values and an --auth-file; ValueError names a malformed one."""
+
+    def split(text: str, where: str) -> tuple[str, str]:
+        user, sep, password = text.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(f"{where} must look like USER:PASSWORD (both parts non-empty).")
+        return user.strip(), password
+
+    credentials = [split(pair, "--auth") for pair in pairs]
+    if path:
+        try:
+            lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--auth-file {path} can't be read ({getattr(exc, 'strerror', None) or exc}).") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                credentials.append(split(line, f"line {number} of --auth-file {path}"))
+        if not credentials:
+            raise ValueError(f"--auth-file {path} holds no USER:PASSWORD line.")
+    return credentials
+
+
+LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warning(args: argparse.Namespace) -> Optional[str]:
+    """A warning when the page is reachable from other computers (--server other than this one, --share)."""
+    where = []
+    if args.server not in LOCAL_ADDRESSES:
+        where.append(f"every computer that can reach this one (listening on {args.server})")
+    if args.share:
+        where.append("anyone on the internet who has the gradio.live link (--share)")
+    if not where:
+        return None
+    guard = ("Only the logins from --auth/--auth-file are let in" if getattr(args, "credentials", None)
+             else "No login is required: add --auth USER:PASSWORD or --auth-file PATH")
+    return (f"WARNING: the page and its API are open to {' and '.join(where)}. They can start jobs and "
+            f"see every video in the outputs folder. {guard}; traffic to --server is not encrypted.")
+
+
 def launch_options(args: argparse.Namespace, config: AppConfig) -> dict[str, Any]:
     """Keyword arguments for `Blocks.launch` from the flags."""
+    credentials = getattr(args, "credentials", None)
     return dict(
         server_name=args.server,
         server_port=args.port,
         share=args.share,
         inbrowser=args.inbrowser,
+        auth=list(credentials) if credentials else None,
+        # Only the outputs folder; Gradio adds its own upload and cache folders, and nothing else is served.
         allowed_paths=[str(Path(config.outputs).resolve())],
         show_error=True,
         theme=theme(),
         css=CSS,
     )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python demo_gradio.py`: check the flags, warn when the page is exposed, open the page."""
+    import sys
+
+    args = parse_args(argv)
+    warning = exposure_warning(args)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    config = config_from_args(args)
+    build_app(config).launch(**launch_options(args, config))
 
 
 def theme() -> gr.themes.Base:
@@ -200,6 +264,7 @@ class ProgressView:
         self.step: Optional[StepProgress] = None
         self.frames = 0
         self.sampling_started: Optional[float] = None
+        self.notices: list[str] = []  # things the user should know about the result (a cut prompt)
 
     def update(self, event) -> None:
         """Take one event of the job into account."""
@@ -212,6 +277,8 @@ class ProgressView:
                 self.message = f"Waiting in the queue: position {event.position}, {jobs} ahead of this one"
         elif isinstance(event, Stage):
             if event.name == "notice":
+                if event.message not in self.notices:
+                    self.notices.append(event.message)
                 return
             self.state = "loading" if event.name == "loading" else "running"
             self.message = event.message
@@ -283,7 +350,9 @@ class ProgressView:
             f'<div class="fp-progress-fill" style="width:{percent:.1f}%;height:100%;background:{colour};transition:width .3s"></div>'
             f"</div>"
             f'<div class="fp-progress-detail" style="margin-top:4px;font-size:.9em;opacity:.85">{html.escape(detail)}</div>'
-            f"</div>"
+            + "".join(f'<div class="fp-progress-notice" style="margin-top:4px;font-size:.9em">Note: {html.escape(n)}</div>'
+                      for n in self.notices)
+            + "</div>"
         )
 
 
@@ -442,10 +511,25 @@ def report_unreadable_images(component: gr.Image) -> gr.Image:
             raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a non-image upload
             name = getattr(payload, "orig_name", None) or "The uploaded file"
+            from PIL import Image
+
+            if isinstance(exc, Image.DecompressionBombError):
+                from .conditioning import MAX_IMAGE_PIXELS
+
+                raise gr.Error(f"{name} is too large to process safely; use an image under "
+                               f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels.", title="Image too large",
+                               print_exception=False) from None
             raise gr.Error(f"{name} is not an image PIL can read ({type(exc).__name__}); upload a PNG, JPEG or WebP.",
                            title="Not an image", print_exception=False) from None
 
     component.preprocess = checked
+    return component
+
+
+def checked_by_settings(component: gr.components.Component) -> gr.components.Component:
+    """Hand this input to GenerationSettings unchanged: Gradio's own check names no setting, and rounds
+    a fractional whole number silently; the settings say which setting is wrong and what is allowed."""
+    component.preprocess = lambda payload: payload
     return component
 
 
@@ -465,6 +549,9 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
     jobs = JobQueue(runner)
     snapshots = VideoSnapshots()
     outputs_dir = Path(config.outputs)
+    resuming = threading.Lock()  # two pages pressing Resume on the same job at once start it once
+    # A job killed with the app (power loss, closed window) is offered for resuming when it starts again.
+    interrupted_at_start = [item for item in list_outputs(outputs_dir) if item.resumable and item.status == "running"]
 
     with gr.Blocks(title="FramePack", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("# FramePack\nTurn one image into a video, section by section. "
@@ -517,7 +604,11 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
                 progress = gr.HTML(idle_html(), elem_id="fp-progress")
                 final = gr.Video(label="Final video", autoplay=False, loop=True, interactive=False,
                                  height=360, elem_id="fp-final")
-        with gr.Accordion("Past outputs", open=False):
+        with gr.Accordion("Past outputs", open=bool(interrupted_at_start), elem_id="fp-past-outputs"):
+            if interrupted_at_start:
+                count = len(interrupted_at_start)
+                gr.Markdown(f"**{count} job{'s were' if count != 1 else ' was'} interrupted** (marked *interrupted* "
+                            "below). Choose one and press Resume to continue it from its last finished section.")
             with gr.Row(equal_height=True):
                 past = gr.Dropdown(label="Past outputs, newest first", choices=[], value=None, scale=5,
                                    allow_custom_value=True,  # the handlers check the name against the folder
@@ -526,12 +617,17 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
             with gr.Row():
                 past_video = gr.Video(label="Past output", loop=True, interactive=False, height=320)
                 past_settings = gr.JSON(label="Its settings")
-            load_settings = gr.Button("Load these settings and start image into the form")
+            with gr.Row():
+                load_settings = gr.Button("Load these settings and start image into the form")
+                resume_button = gr.Button("Resume this job", interactive=False, elem_id="fp-resume")
 
         form = dict(prompt=prompt, model=model, seed=seed, seconds=seconds, steps=steps, distilled_cfg=distilled_cfg,
                     gpu_memory_preservation=gpu_memory, crf=crf, teacache=teacache, negative_prompt=negative_prompt,
                     cfg=cfg, cfg_rescale=cfg_rescale, window=window, resolution=resolution, sampler=sampler)
         form_inputs = [form[name] for name in FORM_FIELDS]
+        for name in FORM_FIELDS:
+            if name not in ("prompt", "negative_prompt"):
+                checked_by_settings(form[name])
 
         # -- generation ------------------------------------------------------------------------
 
@@ -558,10 +654,12 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
                 job = jobs.submit(JobRequest(settings, pixels), owner=getattr(request, "session_hash", None))
             except BusyError as exc:
                 raise gr.Error(str(exc), title="Busy", print_exception=False) from None
+            yield from stream_job(job, settings)
+
+        def stream_job(job: Job, settings: GenerationSettings):
+            """Stream a queued job's events until its last one, as updates of the page's outputs."""
             view = JobView(settings, snapshots)
             yield None, None, view.progress.html(), None, *locked
-
-            # 3. Stream the job's events until its last one.
             try:
                 while not view.ended:
                     latest_video, picture, final_video = view.take(job.take(timeout=IDLE_REFRESH_S))
@@ -580,6 +678,35 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
                     jobs.cancel(job)
                 view.close()
 
+        def resume_generation(stem: Optional[str], request: gr.Request):
+            """Continue an interrupted or ended job from its last finished section, streamed like Start."""
+            from .pipeline import load_resume_state
+
+            item = find_past(stem)
+            if item is None:
+                raise gr.Error("Choose an interrupted job in the list first.", print_exception=False)
+            output = outputs_dir / f"{item.stem}.mp4"
+            with resuming:
+                if output in busy_outputs():
+                    raise gr.Error(f"{item.stem} is being generated right now.", title="Busy", print_exception=False)
+                try:
+                    state = load_resume_state(output)
+                except ValueError as exc:
+                    raise gr.Error(str(exc), title="Can't resume", print_exception=False) from None
+                try:
+                    job = jobs.submit(JobRequest(state.settings, None, resume=output),
+                                      owner=getattr(request, "session_hash", None))
+                except BusyError as exc:
+                    raise gr.Error(str(exc), title="Busy", print_exception=False) from None
+            yield from stream_job(job, state.settings)
+
+        def busy_outputs() -> set[Path]:
+            """Final video paths of the jobs queued or running in this app."""
+            busy = {job.request.resume for job in jobs.active() if job.request.resume is not None}
+            if runner.running is not None:
+                busy.add(runner.running)
+            return busy
+
         def end_generation(request: gr.Request) -> None:
             """Stop this page's job (queued or running); finished sections are kept."""
             owner = getattr(request, "session_hash", None)
@@ -589,6 +716,10 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
         start.click(
             run_generation, inputs=[image, *form_inputs], outputs=[latest, preview, progress, final, start, end],
             api_name="generate", concurrency_limit=None, show_progress="hidden",
+        ).then(lambda stem: past_choices(stem), inputs=past, outputs=past, api_visibility="private")
+        resume_button.click(
+            resume_generation, inputs=past, outputs=[latest, preview, progress, final, start, end],
+            api_name="resume", concurrency_limit=None, show_progress="hidden",
         ).then(lambda stem: past_choices(stem), inputs=past, outputs=past, api_visibility="private")
         end.click(end_generation, outputs=None, api_name="end", concurrency_limit=None, show_progress="hidden")
 
@@ -612,14 +743,15 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
         def past_choices(selected: Optional[str] = None):
             items = list_outputs(outputs_dir)
             names = [item.stem for item in items]
-            return gr.update(choices=[(item.label, item.stem) for item in items],
+            busy = {path.name[: -len(".mp4")] for path in busy_outputs()}
+            return gr.update(choices=[(item.describe(running=item.stem in busy), item.stem) for item in items],
                              value=selected if selected in names else None)
 
         def find_past(stem: Optional[str]):
             if not stem:
                 return None
             # Only names from the folder's listing: a request cannot point outside the outputs folder.
-            if Path(stem).name != stem:
+            if not isinstance(stem, str) or Path(stem).name != stem or stem.startswith(".") or "\\" in stem:
                 raise gr.Error("Unknown output.", print_exception=False)
             item = read_output(outputs_dir / f"{stem}.json")
             if item is None:
@@ -629,8 +761,8 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
         def show_past(stem: Optional[str]):
             item = find_past(stem)
             if item is None:
-                return None, None
-            return (str(item.video) if item.video else None), item.record
+                return None, None, gr.update(interactive=False)
+            return (str(item.video) if item.video else None), item.record, gr.update(interactive=item.resumable)
 
         def load_past(stem: Optional[str]):
             item = find_past(stem)
@@ -646,7 +778,7 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
             return (image_value, *[values[name] for name in FORM_FIELDS])
 
         refresh.click(lambda stem: past_choices(stem), inputs=past, outputs=past, api_name="list_outputs")
-        past.change(show_past, inputs=past, outputs=[past_video, past_settings], api_name="show_output")
+        past.change(show_past, inputs=past, outputs=[past_video, past_settings, resume_button], api_name="show_output")
         load_settings.click(load_past, inputs=past, outputs=[image, *form_inputs], api_name="load_settings")
         demo.load(past_choices, outputs=past, api_visibility="private")
 

@@ -52,10 +52,15 @@ JobEvent = Union[Event, Queued]
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What a job needs: validated settings and the start image (RGB uint8, H×W×3)."""
+    """What a job needs: validated settings and the start image (RGB uint8, H×W×3).
+
+    With `resume` (the final video path of an interrupted job) the job continues that one from its
+    last finished section instead; its settings and start image come from its files.
+    """
 
     settings: GenerationSettings
-    image: np.ndarray
+    image: Optional[np.ndarray]
+    resume: Optional[Path] = None
 
 
 class Job:
@@ -330,11 +335,12 @@ class FramePackRunner:
         self.namer = OutputNamer(outputs)
         self.vram = vram
         self._placement = None
+        self.running: Optional[Path] = None  # the final video path of the job being generated
 
     def __call__(self, job: Job) -> Iterator[Event]:
         from .events import JobCancelled
         from .memory import Placement, choose_vram_mode
-        from .pipeline import generate
+        from .pipeline import generate, resume
 
         settings = job.request.settings
         # Loading blocks this (worker) thread, so its progress is posted to the job's stream directly.
@@ -348,7 +354,26 @@ class FramePackRunner:
             return
         if self._placement is None:
             self._placement = Placement(components.device, choose_vram_mode(self.vram, components.device))
-        output = self.namer.next()
+        if job.request.resume is not None:
+            output = Path(job.request.resume)
+            remove_stale_files(output)
+            self.running = output
+            try:
+                last = None
+                for last in resume(components, output, cancel=job.cancel_token, placement=self._placement):
+                    yield last
+                if isinstance(last, Finished):
+                    remove_stale_files(output, keep_latest_partial=False)
+            finally:
+                self.running = None
+            return
+        try:
+            output = self.namer.next()
+        except OSError as exc:
+            raise ValueError(
+                f"The outputs folder {self.namer.folder} can't be written ({exc.strerror or exc}); make sure it is a "
+                "folder you may write to, or start the app with another --outputs folder."
+            ) from None
         sources = self.models.sources()
         metadata = {
             "sources": {"hunyuan": str(sources.hunyuan), "siglip": str(sources.siglip),
@@ -356,8 +381,34 @@ class FramePackRunner:
             "device": str(components.device),
             "vram_mode": self._placement.mode.value,
         }
-        yield from generate(components, settings, job.request.image, output, cancel=job.cancel_token,
-                            placement=self._placement, metadata=metadata)
+        self.running = output
+        try:
+            yield from generate(components, settings, job.request.image, output, cancel=job.cancel_token,
+                                placement=self._placement, metadata=metadata)
+        finally:
+            self.running = None
+
+
+def remove_stale_files(output: Path, *, keep_latest_partial: bool = True) -> list[Path]:
+    """Remove what a killed job left beside its files: hidden temporaries and superseded partial videos.
+
+    A job writes every file under a hidden temporary name and renames it into place, so a process
+    killed mid-write leaves such a temporary (possibly short or empty) and, between two sections,
+    two partial videos. Finished files (the sidecar, start image, latents, the newest partial) are
+    kept unless `keep_latest_partial` is False (after the resumed job finished).
+    """
+    output = Path(output)
+    folder, stem = output.parent, output.name[: -len(output.suffix)] if output.suffix else output.name
+    removed: list[Path] = []
+    temporaries = [p for p in folder.glob(f".{glob_escape(stem)}.*") if p.name.endswith((".tmp", ".part", ".mp4"))]
+    partials = sorted(folder.glob(f"{glob_escape(stem)}.part[0-9][0-9][0-9].mp4"))
+    if keep_latest_partial:
+        partials = partials[:-1]
+    for path in temporaries + partials:
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,10 +429,21 @@ class PastOutput:
     model: str
     settings: dict = field(default_factory=dict, compare=False)
     record: dict = field(default_factory=dict, compare=False, repr=False)
+    latents: Optional[Path] = None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the job stopped early (ended, failed or killed) with finished sections to continue from."""
+        finished = self.video is not None and self.video.name == f"{self.stem}.mp4"
+        return self.status != "finished" and not finished and self.latents is not None
 
     @property
     def label(self) -> str:
         """One line for a list: time, model, state, the start of the prompt."""
+        return self.describe()
+
+    def describe(self, running: bool = False) -> str:
+        """The label; `running` says the job is being generated now (else a 'running' sidecar means it was interrupted)."""
         when = self.stem
         if _STAMP.match(self.stem):
             date, clock = self.stem.split("_", 1)
@@ -389,13 +451,37 @@ class PastOutput:
         prompt = " ".join(str(self.settings.get("prompt", "")).split())
         if len(prompt) > 48:
             prompt = prompt[:47] + "…"
-        state = "" if self.status == "finished" else f" [{'partial' if self.video else self.status}]"
+        if self.status == "finished":
+            state = ""
+        elif running:
+            state = " [running]"
+        else:
+            kind = "interrupted" if self.status == "running" else self.status
+            parts = ["partial"] if self.video else []
+            parts += [kind] + (["can resume"] if self.resumable else [])
+            state = f" [{', '.join(dict.fromkeys(parts))}]"
         return f"{when} · {display_name(self.model)}{state} · {prompt or '(no prompt)'}"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with every link followed, lies in `folder` (a link pointing outside does not)."""
+    try:
+        return path.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def read_output(sidecar: Path) -> Optional[PastOutput]:
     """The PastOutput of a sidecar, or None when it is not one of ours or unreadable."""
     sidecar = Path(sidecar)
+    folder = sidecar.parent
+
+    def ours(path: Path) -> bool:
+        # only plain files of this folder: a link pointing elsewhere is never read or shown
+        return path.is_file() and _inside(path, folder)
+
+    if not ours(sidecar):
+        return None
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -403,17 +489,17 @@ def read_output(sidecar: Path) -> Optional[PastOutput]:
     if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
         return None
     stem = sidecar.name[: -len(".json")]
-    folder = sidecar.parent
     video = folder / f"{stem}.mp4"
-    if not video.is_file():
+    if not ours(video):
         # An ended or interrupted job keeps its last partial video.
-        parts = sorted(folder.glob(f"{glob_escape(stem)}.part*.mp4"))
+        parts = [p for p in sorted(folder.glob(f"{glob_escape(stem)}.part[0-9][0-9][0-9].mp4")) if ours(p)]
         video = parts[-1] if parts else None
     image = folder / f"{stem}.png"
+    latents = folder / f"{stem}.latents.safetensors"
     return PastOutput(
-        stem=stem, sidecar=sidecar, video=video, input_image=image if image.is_file() else None,
+        stem=stem, sidecar=sidecar, video=video, input_image=image if ours(image) else None,
         status=str(record.get("status", "unknown")), model=str(record.get("model", record["settings"].get("model", ""))),
-        settings=dict(record["settings"]), record=record,
+        settings=dict(record["settings"]), record=record, latents=latents if ours(latents) else None,
     )
 
 
