@@ -41,7 +41,7 @@ from .events import (
     Stage,
     StepProgress,
 )
-from .memory import Placement, empty_cache, is_out_of_memory
+from .memory import GIB, Placement, VramMode, empty_cache, is_out_of_memory, ram_notice, system_memory
 from .packing import add_to_history, initial_history, latents_to_decode, layout_for, plan_sections, real_history
 from .sampling import flow_shift_mu, get_sigmas_flow_shift, sample_unipc
 from .settings import VIDEO_FPS, GenerationSettings
@@ -208,10 +208,12 @@ def run_job(
         emit(Failed(message, video_path=job.latest_video))
     except Exception as exc:  # noqa: BLE001 - a job must end with an event, never kill the worker
         if is_out_of_memory(exc):
-            message = (
-                "Out of memory. Raise 'GPU Inference Preserved Memory', lower the resolution or the "
-                "latent window, or close other programs using the GPU; finished sections were kept."
-            )
+            if placement.mode is VramMode.HIGH and placement.device.type != "cpu":
+                advice = "use low-VRAM mode (--vram low), lower the resolution or the latent window"
+            else:
+                advice = "raise 'GPU Inference Preserved Memory', lower the resolution or the latent window"
+            message = (f"Out of memory. Close other programs using the GPU, {advice}; "
+                       "finished sections were kept.")
         else:
             logger.exception("generation failed")
             message = f"Generation failed: {type(exc).__name__}: {exc}"
@@ -298,6 +300,9 @@ class _Job:
         device = self.placement.device
         transformer = c.transformer
         dtype = _compute_dtype(transformer)
+        # before any work: can this machine run the job at all (free GPU memory, RAM)?
+        bucket = pixels_in.shape[:2] if resume_state else find_nearest_bucket(*pixels_in.shape[:2], s.resolution)
+        needs = self.placement.check(c, s, *bucket)
         record = {
             **metadata,
             "software": f"framepack-independent {__version__}",
@@ -307,6 +312,9 @@ class _Job:
         self.sections_done = resume_state.sections_done if resume_state else 0
         _write_json(paths.sidecar, {**record, "status": "running", "sections_done": self.sections_done})
         self._sidecar, self._record = paths.sidecar, record
+        slow_ram = ram_notice(needs, system_memory()[0], self.placement.mode)
+        if slow_ram:
+            self.stage("notice", slow_ram)
 
         # 2. Encode the prompt (LLaMA + CLIP-L)
         self.stage("text", "Encoding the prompt")
@@ -378,7 +386,8 @@ class _Job:
                 ))
                 self.cancel.check()
 
-            with self.placement.use(transformer):
+            skip = self._teacache.skips_block if self._teacache is not None else None
+            with self.placement.use(transformer, preserve_bytes=s.gpu_memory_preservation * GIB, skip_block=skip):
                 if self._teacache is not None:
                     self._teacache.reset(s.steps)
                 generated = sample_section(
@@ -394,7 +403,7 @@ class _Job:
 
             self.stage("vae_decode", f"Decoding section {section} of {s.sections}")
             to_decode, overlap = latents_to_decode(model, real, s.window, first=plan.index == 0, is_last=plan.is_last)
-            with self.placement.use(c.vae):
+            with self.placement.use(c.vae, tiling=True):
                 pixels = vae_decode(to_decode, c.vae).cpu()
             self.cancel.check()
 
@@ -448,7 +457,7 @@ class _Job:
             count = (plan.index + 1) * s.window
             real = saved[:, :, -count:] if model == "framepack" else saved[:, :, : 1 + count]
             to_decode, overlap = latents_to_decode(model, real, s.window, first=plan.index == 0, is_last=False)
-            with self.placement.use(self.c.vae):
+            with self.placement.use(self.c.vae, tiling=True):
                 pixels = vae_decode(to_decode, self.c.vae).cpu()
             self.cancel.check()
             # the writer always produces a playable file; these rebuilt ones are not needed

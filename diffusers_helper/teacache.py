@@ -56,6 +56,7 @@ class TeaCache:
         # When False every hook calls straight through and the state does not advance.
         self.enabled = True
         self._hooked: list[tuple[torch.nn.Module, bool, bool]] = []
+        self._head: Optional[torch.nn.Module] = None
         self._removed = False
         self.reset(num_steps)
 
@@ -126,6 +127,7 @@ class TeaCache:
     def _install(self) -> None:
         blocks = list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
         head, tail = blocks[0], blocks[-1]
+        self._head = head
         for block in blocks:
             had_registry = hasattr(block, "_diffusers_hook")
             had_forward = "forward" in vars(block)
@@ -160,6 +162,13 @@ class TeaCache:
         self._hooked = []
         self.previous_modulated_input = self.previous_residual = self._hidden_in = None
         _invalidate_registry_caches(self.transformer)
+
+    def skips_block(self, block: torch.nn.Module) -> bool:
+        """Whether `block` is bypassed on the current call (a skipped step), so its weights are not needed.
+
+        Read by weight streaming at a block's call; the head block decides and is never bypassed.
+        """
+        return self.enabled and not self._removed and self._skipping and block is not self._head
 
     @property
     def removed(self) -> bool:
