@@ -385,3 +385,144 @@ def test_streams_in_order_with_prefetch_across_calls():
         streamer.remove()
     assert order == list(itertools.islice(itertools.cycle(range(4)), len(order)))
     assert 8 <= len(order) <= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA path's ordering, checked on a CPU with recording stand-ins for streams and events
+
+
+class _Log:
+    def __init__(self):
+        self.items: list[tuple] = []
+
+    def add(self, *item):
+        self.items.append(item)
+        return len(self.items) - 1
+
+
+class _FakeEvent:
+    log: _Log
+
+    def __init__(self, *args, **kwargs):
+        self.recorded_at = None
+        self.stream = None
+
+    def record(self, stream):
+        self.stream = stream.name
+        self.recorded_at = self.log.add("record", self, stream.name)
+
+    def synchronize(self):
+        self.log.add("sync", self)
+
+
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_event(self, event):
+        assert event.recorded_at is not None, "waiting on an event never recorded"
+        self.log.add("wait", self.name, event)
+
+
+def _install_fake_cuda(monkeypatch, log):
+    import diffusers_helper.offload as offload
+
+    compute = _FakeStream("compute", log)
+    current = [compute]
+    _FakeEvent.log = log
+
+    class _StreamContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    class _CopyStream(_FakeStream):
+        def __init__(self, device=None):
+            super().__init__("copy", log)
+
+    monkeypatch.setattr(torch.cuda, "Stream", _CopyStream)
+    monkeypatch.setattr(torch.cuda, "stream", _StreamContext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.add("device_sync"))
+    real_ensure = offload.StagingPool.ensure
+    monkeypatch.setattr(offload.StagingPool, "ensure", lambda self, n, pin: real_ensure(self, n, False))
+    real_gather = offload._gather
+
+    def gather(layout, target):
+        log.add("gather", target.data_ptr())
+        real_gather(layout, target)
+
+    monkeypatch.setattr(offload, "_gather", gather)
+
+
+def _check_ordering(log: _Log):
+    items = log.items
+    loads = [(i, it) for i, it in enumerate(items) if it[0] == "load"]
+    computes = [(i, it) for i, it in enumerate(items) if it[0] == "compute"]
+
+    def overlap(a, b):
+        return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+    for li, (_, block, start, size) in loads:
+        end = next(j for j in range(li, len(items)) if items[j][0] == "record" and items[j][2] == "copy")
+        waits = [items[j][2] for j in range(li, end) if items[j][0] == "wait" and items[j][1] == "copy"]
+        earlier = [ci for ci, c in computes if ci < li and overlap((c[2], c[3]), (start, size))]
+        if earlier:
+            # the copy into this range waits for an event recorded after the last compute that read it
+            assert any(e.stream == "compute" and e.recorded_at > max(earlier) for e in waits), (li, items[li])
+    for ci, (_, block, start, size) in computes:
+        load = max(li for li, it in loads if li < ci and it[1:] == (block, start, size))
+        ready = next(items[j][1] for j in range(load, len(items)) if items[j][0] == "record" and items[j][2] == "copy")
+        assert any(items[j][0] == "wait" and items[j][1] == "compute" and items[j][2] is ready
+                   for j in range(load, ci)), (ci, items[ci])
+    # a staging buffer is refilled only after the copy that last read it is known to be done
+    gathers = [(i, it[1]) for i, it in enumerate(items) if it[0] == "gather"]
+    for gi, ptr in gathers:
+        previous = [i for i, p in gathers if i < gi and p == ptr]
+        if not previous:
+            continue
+        read_by = next(items[j][1] for j in range(previous[-1], len(items)) if items[j][0] == "record")
+        assert any(items[j][0] == "sync" and items[j][1] is read_by for j in range(previous[-1], gi)), (gi, ptr)
+
+
+@pytest.mark.parametrize("ring_blocks", [1, 2, 3.5])
+def test_cuda_path_orders_copies_and_compute_with_events(monkeypatch, transformer_inputs, ring_blocks):
+    model = _transformer(double=3, single=5, seed=6)
+    calls = [transformer_inputs(model, seed=30 + i) for i in range(3)]
+    expected = [model(**kw)[0] for kw in calls]
+    log = _Log()
+    _install_fake_cuda(monkeypatch, log)
+    blocks = streamable_blocks(model)
+    plan = plan_offload(_sizes(blocks), 0, ring_blocks=ring_blocks, min_resident=1)
+    assert plan.resident == (0,) and len(plan.streamed) == 7
+    _store_streamed_as_float64(blocks, plan)
+    stats = TransferStats()
+    streamer = BlockStreamer([blocks[i] for i in plan.streamed], "cpu", plan.ring_bytes,
+                             compute_dtype=torch.float32, stats=stats)
+    streamer._cuda = True  # take the CUDA code path, with the stand-ins above
+    real_load, real_point = streamer._load, streamer._point
+
+    def load(layout, start):
+        log.add("load", streamer.blocks.index(layout.block), start, layout.nbytes)
+        return real_load(layout, start)
+
+    def point(layout, start):
+        log.add("compute", streamer.blocks.index(layout.block), start, layout.nbytes)
+        return real_point(layout, start)
+
+    streamer._load, streamer._point = load, point
+    streamer.install()
+    try:
+        outputs = [model(**kw)[0] for kw in calls]
+    finally:
+        streamer.remove()
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    assert ("device_sync",) in log.items  # the ring is freed only after the device is idle
+    assert stats.gather_seconds > 0 and stats.streamed_loads >= 3 * len(plan.streamed)
+    _check_ordering(log)
