@@ -393,3 +393,19 @@ print(json.dumps(dict(size=size, loaded=loaded, touched=touched, ring=ring, afte
     assert r["loaded"] < 0.15 * r["size"], r
     assert r["touched"] < 0.15 * r["size"], r
     assert r["after"] < 0.15 * r["size"] + r["ring"], r
+
+
+def test_importing_touches_no_cuda():
+    code = """
+import torch
+def touched(*args, **kwargs):
+    raise AssertionError("CUDA was initialised at import")
+torch.cuda._lazy_init = touched
+torch.cuda.init = touched
+import diffusers_helper.memory, diffusers_helper.offload, diffusers_helper.attention
+import diffusers_helper.bench, diffusers_helper.pipeline, diffusers_helper.loading
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
