@@ -147,7 +147,7 @@ def run_bench(args) -> int:
         root = Path.home() / ".cache" / "framepack-bench" / f"full-{device.type}"
     try:
         started = time.perf_counter()
-        wrote = ensure_models(root, tiny=args.tiny, device=device)
+        wrote = ensure_models(root, tiny=args.tiny, device=device, model=args.model)
         write_seconds = time.perf_counter() - started if wrote else 0.0
         with tempfile.TemporaryDirectory(prefix="framepack-bench-out-") as out:
             result_path = Path(out) / "result.json"
@@ -196,33 +196,75 @@ def _forward(args) -> list[str]:
 # Writing the random-weight models
 
 
-def ensure_models(root: Path, *, tiny: bool, device) -> bool:
-    """Write the bench models under `root` unless a complete set for this spec is there; returns whether it wrote."""
+def ensure_models(root: Path, *, tiny: bool, device, model: str = "framepack") -> bool:
+    """Write the bench models under `root` unless they are there for this spec; returns whether it wrote.
+
+    The shared components are written once; a transformer variant only when it is benchmarked (each
+    full-size one is 24 GiB).
+    """
     from .loading import component_dtypes
 
     spec = _tiny_spec() if tiny else FULL
     dtypes = {k: str(v).replace("torch.", "") for k, v in component_dtypes(device).items()}
     key = hashlib.sha256(json.dumps({"spec": spec, "dtypes": dtypes}, sort_keys=True, default=str).encode()).hexdigest()[:16]
     marker = root / "bench-models.json"
+    record: dict[str, Any] = {}
     if marker.exists():
         try:
-            if json.loads(marker.read_text(encoding="utf-8")).get("key") == key:
-                return False
+            record = json.loads(marker.read_text(encoding="utf-8"))
         except ValueError:
-            pass
-    if root.exists() and any(root.iterdir()) and not marker.exists():
+            record = {}
+    elif root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} is not empty and holds no bench models; choose another --weights-dir.")
+    if record.get("key") == key and model in record.get("variants", []):
+        return False
+    shared = record.get("key") == key
+    sizes = model_bytes(spec, component_dtypes(device))
+    need = sizes["transformer"] + (0 if shared else sizes["shared"])
     root.mkdir(parents=True, exist_ok=True)
-    for sub in ("hunyuan", "siglip", "framepack", "f1"):
-        shutil.rmtree(root / sub, ignore_errors=True)
+    free = shutil.disk_usage(root).free
+    if free < need * 1.02:
+        raise ValueError(f"Writing the bench models needs {need / 1e9:.1f} GB of disk at {root}, and "
+                         f"{free / 1e9:.1f} GB is free; free some space or choose another --weights-dir.")
     marker.unlink(missing_ok=True)
-    write_models(root, spec, component_dtypes(device), shard_bytes=TINY_SHARD_BYTES if tiny else SHARD_BYTES)
-    marker.write_text(json.dumps({"key": key, "tiny": tiny, "dtypes": dtypes}), encoding="utf-8")
+    if not shared:
+        for sub in ("hunyuan", "siglip", "framepack", "f1"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        record = {"key": key, "tiny": tiny, "dtypes": dtypes, "variants": []}
+    shutil.rmtree(root / model, ignore_errors=True)
+    write_models(root, spec, component_dtypes(device), shard_bytes=TINY_SHARD_BYTES if tiny else SHARD_BYTES,
+                 variants=(model,), shared=not shared)
+    record["variants"] = sorted(set(record.get("variants", [])) | {model})
+    marker.write_text(json.dumps(record), encoding="utf-8")
     return True
 
 
-def write_models(root: Path, spec: dict, dtypes: dict, *, shard_bytes: int, seed: int = 0) -> None:
-    """Random-weight models of `spec` in the official layouts under `root` (hunyuan/, siglip/, framepack/, f1/)."""
+def model_bytes(spec: dict, dtypes: dict) -> dict[str, int]:
+    """Bytes the bench writes: one transformer variant, and the shared components together."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
+
+    def size(model, dtype) -> int:
+        return sum(t.numel() for t in model.state_dict().values()) * torch.empty((), dtype=dtype).element_size()
+
+    # (the tiny specs take their vocabulary size from the tokenizer; any small one sizes them well enough)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    llama = {"vocab_size": 1024, **spec["text_encoder"], **ids}
+    clip = {"vocab_size": 1024, **spec["text_encoder_2"], **ids}
+    with torch.device("meta"):
+        transformer = size(HunyuanVideoFramepackTransformer3DModel(**spec["transformer"]), dtypes["transformer"])
+        shared = (size(LlamaModel(LlamaConfig(**llama)), dtypes["text_encoder"])
+                  + size(CLIPTextModel(CLIPTextConfig(**clip)), dtypes["text_encoder_2"])
+                  + size(SiglipVisionModel(SiglipVisionConfig(**spec["image_encoder"])), dtypes["image_encoder"])
+                  + size(AutoencoderKLHunyuanVideo(**spec["vae"]), dtypes["vae"]))
+    return {"transformer": transformer, "shared": shared}
+
+
+def write_models(root: Path, spec: dict, dtypes: dict, *, shard_bytes: int, seed: int = 0,
+                 variants: tuple = ("framepack",), shared: bool = True) -> None:
+    """Random-weight models of `spec` in the official layouts under `root`: the shared components
+    (hunyuan/, siglip/) when `shared`, and a transformer folder for each of `variants`."""
     import torch
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
@@ -233,32 +275,9 @@ def write_models(root: Path, spec: dict, dtypes: dict, *, shard_bytes: int, seed
     hunyuan, siglip = root / "hunyuan", root / "siglip"
     llama_tokens = tiny._build_llama_tokenizer()
     clip_vocab = tiny._build_clip_vocab()
-    for folder in (hunyuan / "tokenizer", hunyuan / "tokenizer_2", siglip / "feature_extractor"):
-        folder.mkdir(parents=True, exist_ok=True)
-    tiny._write_llama_tokenizer(hunyuan / "tokenizer", llama_tokens)
-    tiny._write_clip_tokenizer(hunyuan / "tokenizer_2", clip_vocab)
-    size = spec["image_encoder"]["image_size"]
-    tiny._write_json(siglip / "feature_extractor" / "preprocessor_config.json", {
-        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
-        "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5], "resample": 3,
-        "rescale_factor": 1 / 255, "size": {"height": size, "width": size},
-    })
 
-    # the two big models: built on the meta device, their weights generated and written shard by shard
-    llama_ids = dict(bos_token_id=llama_tokens.token_to_id(tiny.LLAMA_BOS),
-                     eos_token_id=llama_tokens.token_to_id(tiny.LLAMA_EOS),
-                     pad_token_id=llama_tokens.token_to_id(tiny.LLAMA_PAD))
-    llama_spec = {"vocab_size": llama_tokens.get_vocab_size(with_added_tokens=True), **spec["text_encoder"], **llama_ids}
-    llama_config = LlamaConfig(**llama_spec)
-    with torch.device("meta"):
-        llama = LlamaModel(llama_config)
-    folder = hunyuan / "text_encoder"
-    folder.mkdir(parents=True, exist_ok=True)
-    llama_config.save_pretrained(folder)
-    _write_sharded(llama, folder, "model", dtypes["text_encoder"], pool, shard_bytes)
-    del llama
-
-    for variant in ("framepack", "f1"):
+    for variant in variants:
+        # built on the meta device, its weights generated and written shard by shard
         with torch.device("meta"):
             transformer = HunyuanVideoFramepackTransformer3DModel(**spec["transformer"])
         folder = root / variant
@@ -271,6 +290,33 @@ def write_models(root: Path, spec: dict, dtypes: dict, *, shard_bytes: int, seed
         _write_sharded(transformer, folder, "diffusion_pytorch_model", dtypes["transformer"], pool, shard_bytes,
                        offset=1 if variant == "f1" else 0)
         del transformer
+    if not shared:
+        return
+
+    for folder in (hunyuan / "tokenizer", hunyuan / "tokenizer_2", siglip / "feature_extractor"):
+        folder.mkdir(parents=True, exist_ok=True)
+    tiny._write_llama_tokenizer(hunyuan / "tokenizer", llama_tokens)
+    tiny._write_clip_tokenizer(hunyuan / "tokenizer_2", clip_vocab)
+    size = spec["image_encoder"]["image_size"]
+    tiny._write_json(siglip / "feature_extractor" / "preprocessor_config.json", {
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5], "resample": 3,
+        "rescale_factor": 1 / 255, "size": {"height": size, "width": size},
+    })
+
+    # the LLaMA encoder, like the transformer: meta device, shard by shard
+    llama_ids = dict(bos_token_id=llama_tokens.token_to_id(tiny.LLAMA_BOS),
+                     eos_token_id=llama_tokens.token_to_id(tiny.LLAMA_EOS),
+                     pad_token_id=llama_tokens.token_to_id(tiny.LLAMA_PAD))
+    llama_spec = {"vocab_size": llama_tokens.get_vocab_size(with_added_tokens=True), **spec["text_encoder"], **llama_ids}
+    llama_config = LlamaConfig(**llama_spec)
+    with torch.device("meta"):
+        llama = LlamaModel(llama_config)
+    folder = hunyuan / "text_encoder"
+    folder.mkdir(parents=True, exist_ok=True)
+    llama_config.save_pretrained(folder)
+    _write_sharded(llama, folder, "model", dtypes["text_encoder"], pool, shard_bytes)
+    del llama
 
     # the small ones: real modules (their integer buffers come out right), random floats, save_pretrained
     vocab, _ = clip_vocab
