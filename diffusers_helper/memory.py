@@ -390,6 +390,8 @@ class Placement:
         """
         if self.mode is VramMode.HIGH:
             for module in modules:
+                moving = [t for t in module_tensors(module) if t.device.type != self.device.type]
+                self.stats.host_to_device_bytes += sum(t.numel() * t.element_size() for t in moving)
                 module.to(self.device)
             self._enter(modules, ())
             try:
