@@ -1,4 +1,4 @@
-"""Command line: `python -m diffusers_helper generate|tiny-models ...`."""
+"""Command line: `python -m diffusers_helper generate|tiny-models|bench-long ...`."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-models", help="write tiny random-weight models in the official folder layouts")
     tiny.add_argument("dir", help="folder to write into")
     tiny.add_argument("--seed", type=int, default=0)
+
+    from .bench_long import add_bench_arguments
+
+    bench = sub.add_parser("bench-long", help="time sections and peak RAM for videos of several lengths (tiny models)")
+    add_bench_arguments(bench)
+    add_source_arguments(bench)
     return parser
 
 
@@ -86,6 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tiny-models":
         return _tiny_models(args)
+    if args.command == "bench-long":
+        from .bench_long import run_bench
+
+        return run_bench(args)
     return _generate(args)
 
 
