@@ -1,4 +1,4 @@
-"""Command line: `python -m diffusers_helper generate|tiny-models|bench-long ...`."""
+"""Command line: `python -m diffusers_helper generate|resume|tiny-models|bench-long ...`."""
 
 from __future__ import annotations
 
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vram", default="auto", choices=["auto", "high", "low"], help="keep all models on the GPU (high) or move them per stage (low)")
     add_source_arguments(gen)
 
+    res = sub.add_parser("resume", help="continue an interrupted or ended job from its last finished section")
+    res.add_argument("output", help="the job's final video path, e.g. outputs/2025-05-01_12-30-05-123.mp4")
+    res.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    res.add_argument("--vram", default="auto", choices=["auto", "high", "low"], help="as for generate")
+    add_source_arguments(res)
+
     tiny = sub.add_parser("tiny-models", help="write tiny random-weight models in the official folder layouts")
     tiny.add_argument("dir", help="folder to write into")
     tiny.add_argument("--seed", type=int, default=0)
@@ -92,6 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tiny-models":
         return _tiny_models(args)
+    if args.command == "resume":
+        return _resume(args)
     if args.command == "bench-long":
         from .bench_long import run_bench
 
@@ -143,7 +151,7 @@ def _generate(args) -> int:
         return _user_error(str(exc))
 
     # 2. Load and run.
-    from .events import CancelToken, Cancelled, Failed, Finished, SectionDone, Stage, StepProgress
+    from .events import CancelToken
     from .loading import load_components
     from .memory import Placement, VramMode
     from .pipeline import generate
@@ -156,14 +164,55 @@ def _generate(args) -> int:
     mode = VramMode.LOW if args.vram == "low" else VramMode.HIGH
     placement = Placement(device, mode)
     cancel = CancelToken()
+    events = generate(components, settings, image, output, cancel=cancel, placement=placement,
+                      save_latents=args.save_latents, metadata={"sources": _source_record(sources, settings.model)})
+    return _follow(events, settings, cancel)
+
+
+def _resume(args) -> int:
+    from .jobs import remove_stale_files
+    from .loading import check_sources, load_components, resolve_device
+    from .memory import Placement, VramMode
+    from .pipeline import load_resume_state, resume
+
+    # 1. Check the job's files and the sources before any model loads.
+    output = Path(args.output)
+    try:
+        state = load_resume_state(output)
+        device = resolve_device(args.device)
+        sources = sources_from_args(args, state.settings.model)
+        check_sources(sources, state.settings.model)
+    except ValueError as exc:
+        return _user_error(str(exc))
+    remove_stale_files(output)  # what the killed process left half-written
+
+    # 2. Load and continue.
+    from .events import CancelToken
+
+    print(f"Loading models on {device} ...", file=sys.stderr)
+    try:
+        components = load_components(sources, state.settings.model, device=device)
+    except ValueError as exc:
+        return _user_error(str(exc))
+    placement = Placement(device, VramMode.LOW if args.vram == "low" else VramMode.HIGH)
+    cancel = CancelToken()
+    code = _follow(resume(components, output, cancel=cancel, placement=placement), state.settings, cancel)
+    if code == 0:
+        remove_stale_files(output, keep_latest_partial=False)
+    return code
+
+
+def _follow(events, settings, cancel) -> int:
+    """Show a job's events (progress bar, sections, the result) and return the exit status."""
+    from .events import Cancelled, Failed, Finished, SectionDone, Stage, StepProgress
+
     bar = _ProgressBar(settings)
     code = EXIT_FAILED
     try:
-        for event in generate(components, settings, image, output, cancel=cancel, placement=placement,
-                              save_latents=args.save_latents, metadata={"sources": _source_record(sources, settings.model)}):
+        for event in events:
             if isinstance(event, StepProgress):
                 bar.step(event)
-            elif isinstance(event, Stage) and event.name == "notice":
+            elif isinstance(event, Stage) and event.name in ("notice", "resume"):
                 bar.write(f"note: {event.message}")
             elif isinstance(event, SectionDone):
                 bar.write(f"section {event.section}/{event.sections}: {event.frames} frames -> {event.video_path}")

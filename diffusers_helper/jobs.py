@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import re
+import shutil
 import threading
 import time
 from collections import deque
@@ -390,7 +391,8 @@ class FramePackRunner:
 
 
 def remove_stale_files(output: Path, *, keep_latest_partial: bool = True) -> list[Path]:
-    """Remove what a killed job left beside its files: hidden temporaries and superseded partial videos.
+    """Remove what a killed job left beside its files: hidden temporaries, the video writer's work
+    folder and superseded partial videos.
 
     A job writes every file under a hidden temporary name and renames it into place, so a process
     killed mid-write leaves such a temporary (possibly short or empty) and, between two sections,
@@ -408,6 +410,11 @@ def remove_stale_files(output: Path, *, keep_latest_partial: bool = True) -> lis
         if path.is_file() or path.is_symlink():
             path.unlink(missing_ok=True)
             removed.append(path)
+    # the video writer's folder of encoded sections, named after the job's first partial video
+    for work in folder.glob(f".{glob_escape(stem)}.part[0-9][0-9][0-9].mp4.segments-*"):
+        if work.is_dir() and not work.is_symlink():
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
     return removed
 
 

@@ -96,6 +96,7 @@ def assert_no_debris(folder: Path) -> None:
     """Nothing half-written: no hidden temporaries, no empty files; every video plays and every sidecar parses."""
     for path in Path(folder).iterdir():
         if path.is_dir():
+            assert not path.name.startswith("."), f"work folder left behind: {path.name}"
             continue
         assert not path.name.startswith("."), f"temporary file left behind: {path.name}"
         assert path.stat().st_size > 0, f"zero-length file left behind: {path.name}"
