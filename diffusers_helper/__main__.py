@@ -1,4 +1,4 @@
-"""Command line: `python -m diffusers_helper generate|resume|tiny-models|bench-long ...`."""
+"""Command line: `python -m diffusers_helper generate|resume|tiny-models|bench|bench-long ...`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench-long", help="time sections and peak RAM for videos of several lengths (tiny models)")
     add_bench_arguments(bench)
     add_source_arguments(bench)
+
+    from .bench import add_bench_arguments as add_section_bench_arguments
+
+    section = sub.add_parser("bench", help="time one section with the full-size architectures on random weights "
+                                           "(--tiny: the tiny ones, on a CPU); prints JSON")
+    add_section_bench_arguments(section)
     return parser
 
 
@@ -104,6 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench_long import run_bench
 
         return run_bench(args)
+    if args.command == "bench":
+        from .bench import run_bench as run_section_bench
+
+        return run_section_bench(args)
     return _generate(args)
 
 

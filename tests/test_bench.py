@@ -24,7 +24,7 @@ FIELDS = (
 
 def test_bench_tiny_prints_json_with_every_figure(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "diffusers_helper.bench", "--tiny", "--mode", "low", "--weights-dir", str(tmp_path / "w")],
+        [sys.executable, "-m", "diffusers_helper", "bench", "--tiny", "--mode", "low", "--weights-dir", str(tmp_path / "w")],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -58,7 +58,7 @@ def _tiny_config():
 
 
 def test_bench_refuses_bad_flags_on_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffusers_helper.bench", "--tiny", "--attention", "flash"],
+    proc = subprocess.run([sys.executable, "-m", "diffusers_helper", "bench", "--tiny", "--attention", "flash"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     from diffusers_helper.attention import installed
 
