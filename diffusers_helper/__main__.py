@@ -163,7 +163,7 @@ def _generate(args) -> int:
     # 2. Load and run.
     from .events import CancelToken
     from .loading import load_components
-    from .memory import Placement, VramMode
+    from .memory import Placement, choose_vram_mode
     from .pipeline import generate
 
     print(f"Loading models on {device} ...", file=sys.stderr)
@@ -171,8 +171,7 @@ def _generate(args) -> int:
         components = load_components(sources, settings.model, device=device)
     except ValueError as exc:
         return _user_error(str(exc))
-    mode = VramMode.LOW if args.vram == "low" else VramMode.HIGH
-    placement = Placement(device, mode)
+    placement = Placement(device, choose_vram_mode(args.vram, device))
     cancel = CancelToken()
     events = generate(components, settings, image, output, cancel=cancel, placement=placement,
                       save_latents=args.save_latents, metadata={"sources": _source_record(sources, settings.model)})
@@ -182,7 +181,7 @@ def _generate(args) -> int:
 def _resume(args) -> int:
     from .jobs import remove_stale_files
     from .loading import check_sources, load_components, resolve_device
-    from .memory import Placement, VramMode
+    from .memory import Placement, choose_vram_mode
     from .pipeline import load_resume_state, resume
 
     # 1. Check the job's files and the sources before any model loads.
@@ -204,7 +203,7 @@ def _resume(args) -> int:
         components = load_components(sources, state.settings.model, device=device)
     except ValueError as exc:
         return _user_error(str(exc))
-    placement = Placement(device, VramMode.LOW if args.vram == "low" else VramMode.HIGH)
+    placement = Placement(device, choose_vram_mode(args.vram, device))
     cancel = CancelToken()
     code = _follow(resume(components, output, cancel=cancel, placement=placement), state.settings, cancel)
     if code == 0:
