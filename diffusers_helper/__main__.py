@@ -46,8 +46,14 @@ def sources_from_args(args, model: str):
     return sources
 
 
+ATTENTION_HELP = ("attention kernel: auto (default: flash-attn or xFormers when installed on an NVIDIA GPU, "
+                  "else PyTorch SDPA), sdpa, flash, sage or xformers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser with its subcommands."""
+    from .settings import ATTENTION_CHOICES
+
     parser = _Parser(prog="python -m diffusers_helper", description="FramePack image-to-video, section by section.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -73,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-latents", metavar="PATH", help="also write the latents (safetensors, tensor 'history_latents')")
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     gen.add_argument("--vram", default="auto", choices=["auto", "high", "low"], help="keep all models on the GPU (high) or move them per stage (low)")
+    gen.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES), help=ATTENTION_HELP)
     add_source_arguments(gen)
 
     res = sub.add_parser("resume", help="continue an interrupted or ended job from its last finished section")
     res.add_argument("output", help="the job's final video path, e.g. outputs/2025-05-01_12-30-05-123.mp4")
     res.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     res.add_argument("--vram", default="auto", choices=["auto", "high", "low"], help="as for generate")
+    res.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES), help="as for generate")
     add_source_arguments(res)
 
     tiny = sub.add_parser("tiny-models", help="write tiny random-weight models in the official folder layouts")
@@ -152,15 +160,18 @@ def _generate(args) -> int:
         image = load_image(args.image)
         output = Path(args.output)
         _check_output(output, args.save_latents)
+        from .attention import resolve_attention
         from .loading import check_sources, resolve_device
 
         device = resolve_device(args.device)
+        resolve_attention(args.attention, device)
         sources = sources_from_args(args, settings.model)
         check_sources(sources, settings.model)
     except ValueError as exc:
         return _user_error(str(exc))
 
     # 2. Load and run.
+    from .attention import set_attention
     from .events import CancelToken
     from .loading import load_components
     from .memory import Placement, choose_vram_mode
@@ -169,6 +180,7 @@ def _generate(args) -> int:
     print(f"Loading models on {device} ...", file=sys.stderr)
     try:
         components = load_components(sources, settings.model, device=device)
+        set_attention(components.transformer, args.attention, device)
     except ValueError as exc:
         return _user_error(str(exc))
     placement = Placement(device, choose_vram_mode(args.vram, device))
@@ -179,6 +191,7 @@ def _generate(args) -> int:
 
 
 def _resume(args) -> int:
+    from .attention import resolve_attention, set_attention
     from .jobs import remove_stale_files
     from .loading import check_sources, load_components, resolve_device
     from .memory import Placement, choose_vram_mode
@@ -189,6 +202,7 @@ def _resume(args) -> int:
     try:
         state = load_resume_state(output)
         device = resolve_device(args.device)
+        resolve_attention(args.attention, device)
         sources = sources_from_args(args, state.settings.model)
         check_sources(sources, state.settings.model)
     except ValueError as exc:
@@ -201,6 +215,7 @@ def _resume(args) -> int:
     print(f"Loading models on {device} ...", file=sys.stderr)
     try:
         components = load_components(sources, state.settings.model, device=device)
+        set_attention(components.transformer, args.attention, device)
     except ValueError as exc:
         return _user_error(str(exc))
     placement = Placement(device, choose_vram_mode(args.vram, device))

@@ -40,7 +40,7 @@ from .jobs import (
     list_outputs,
     read_output,
 )
-from .settings import MODEL_VARIANTS, RANGES, SAMPLER_VARIANTS, VIDEO_FPS, GenerationSettings, ModelSources
+from .settings import ATTENTION_CHOICES, MODEL_VARIANTS, RANGES, SAMPLER_VARIANTS, VIDEO_FPS, GenerationSettings, ModelSources
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class AppConfig:
     sources: Union[ModelSources, Callable[[], ModelSources]] = field(default_factory=ModelSources)
     device: str = "auto"
     vram: str = "auto"
+    attention: str = "auto"
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vram", default="auto", choices=["auto", "high", "low"],
                         help="high: keep every model on the GPU; low: move each to the GPU only for its stage; "
                              "auto (default): high on GPUs with 60 GiB or more")
+    parser.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
+                        help="attention kernel: auto (default: flash-attn or xFormers when installed on an NVIDIA "
+                             "GPU, else PyTorch SDPA), sdpa, flash, sage or xformers")
     return parser
 
 
@@ -146,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         sources=sources,
         device=args.device,
         vram=args.vram,
+        attention=args.attention,
         defaults=GenerationSettings(model=args.model),
     )
 
@@ -156,10 +161,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.port is not None and not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, not {args.port}")
+    from .attention import resolve_attention
     from .loading import resolve_device
 
     try:
-        resolve_device(args.device)
+        resolve_attention(args.attention, resolve_device(args.device))
         args.credentials = read_credentials(args.auth, args.auth_file)
     except ValueError as exc:
         parser.error(str(exc))
@@ -544,7 +550,7 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
     """The page, wired to a new job queue; nothing is loaded until the first job starts."""
     config = config or AppConfig()
     d = config.defaults
-    models = ModelCache(config.sources, config.device)
+    models = ModelCache(config.sources, config.device, attention=config.attention)
     runner = FramePackRunner(models, Path(config.outputs), vram=config.vram)
     jobs = JobQueue(runner)
     snapshots = VideoSnapshots()

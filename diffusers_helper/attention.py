@@ -14,7 +14,7 @@ import importlib.util
 
 import torch
 
-ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage", "xformers")
+from .settings import ATTENTION_CHOICES
 
 # our names -> diffusers' AttentionBackendName values
 _BACKENDS = {"sdpa": "native", "flash": "flash", "sage": "sage", "xformers": "xformers"}

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .settings import ATTENTION_CHOICES
+
 # The official architectures (configs of the released checkpoints).
 FULL: dict[str, dict[str, Any]] = {
     "transformer": dict(
@@ -113,7 +115,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help=f"sampling steps (default {FULL_JOB['steps']}; "
                                                    f"{TINY_JOB['steps']} with --tiny)")
     parser.add_argument("--model", default="framepack", choices=["framepack", "f1"])
-    parser.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "flash", "sage", "xformers"])
+    parser.add_argument("--attention", default="sdpa", choices=list(ATTENTION_CHOICES))
     parser.add_argument("--teacache", action="store_true", help="skip steps with TeaCache (off: every step computes)")
     parser.add_argument("--weights-dir", metavar="DIR",
                         help="where the random-weight models are written and reused (default: a cache folder; "

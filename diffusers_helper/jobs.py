@@ -242,9 +242,11 @@ class ModelCache:
     """The loaded components: shared ones once, one transformer at a time (the other variant's is released)."""
 
     def __init__(self, sources: Union[ModelSources, Callable[[], ModelSources]], device,
-                 *, load_shared: Optional[Callable] = None, load_transformer: Optional[Callable] = None):
+                 *, load_shared: Optional[Callable] = None, load_transformer: Optional[Callable] = None,
+                 attention: str = "auto"):
         self._sources = sources
         self._device = device
+        self._attention = attention  # --attention: the kernel is set on each transformer as it loads
         self._load_shared = load_shared
         self._load_transformer = load_transformer
         self._lock = threading.Lock()
@@ -290,8 +292,11 @@ class ModelCache:
 
                     empty_cache(device)
                 notify(f"Loading the {display_name(model)} transformer")
-                self._transformer = load_transformer(self.sources().transformer(model), device)
-                self._model = model
+                from .attention import set_attention
+
+                transformer = load_transformer(self.sources().transformer(model), device)
+                set_attention(transformer, self._attention, device)
+                self._transformer, self._model = transformer, model
             return Components(shared=self._shared, transformer=self._transformer, model=model,
                               device=device, dtypes=component_dtypes(device))
 

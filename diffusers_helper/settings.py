@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 MODEL_VARIANTS = ("framepack", "f1")
 SAMPLER_VARIANTS = ("bh1", "bh2")
+# --attention: the transformer's attention kernel (see attention.py)
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage", "xformers")
 
 # Official sources. Each may be replaced by a local folder with the same layout.
 DEFAULT_HUNYUAN = "hunyuanvideo-community/HunyuanVideo"

@@ -229,17 +229,17 @@ def test_the_app_module_keeps_no_mutable_state_and_writes_nothing_on_import():
 def test_flags_and_their_defaults(tmp_path):
     args = build_parser().parse_args([])
     assert (args.server, args.port, args.share, args.inbrowser, args.outputs) == ("127.0.0.1", None, False, False, "outputs")
-    assert (args.device, args.vram, args.model, args.tiny) == ("auto", "auto", "framepack", False)
+    assert (args.device, args.vram, args.model, args.tiny, args.attention) == ("auto", "auto", "framepack", False, "auto")
     args = build_parser().parse_args([
         "--server", "0.0.0.0", "--port", "7861", "--share", "--inbrowser", "--outputs", str(tmp_path / "o"),
         "--hunyuan", "/m/h", "--siglip", "/m/s", "--transformer", "/m/t", "--f1-transformer", "/m/f1",
-        "--device", "cpu", "--vram", "low", "--model", "framepack",
+        "--device", "cpu", "--vram", "low", "--model", "framepack", "--attention", "sdpa",
     ])
     config = config_from_args(args)
     sources = config.sources()
     assert (sources.hunyuan, sources.siglip) == ("/m/h", "/m/s")
     assert (sources.transformer("framepack"), sources.transformer("f1")) == ("/m/t", "/m/f1")
-    assert (config.device, config.vram, config.outputs) == ("cpu", "low", tmp_path / "o")
+    assert (config.device, config.vram, config.outputs, config.attention) == ("cpu", "low", tmp_path / "o", "sdpa")
     options = launch_options(args, config)
     assert options["server_name"] == "0.0.0.0" and options["server_port"] == 7861
     assert options["share"] is True and options["inbrowser"] is True
@@ -292,3 +292,7 @@ def test_a_bad_device_flag_stops_before_the_page_opens(capsys):
     assert exited.value.code == 2 and "tpu" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--port", "70000"])
+    # an attention kernel that can't run here is refused at start, naming what to do instead
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--device", "cpu", "--attention", "xformers"])
+    assert exited.value.code == 2 and "--attention sdpa" in capsys.readouterr().err

@@ -32,7 +32,8 @@ def test_generate_from_local_folders(tiny_sources, picture, tmp_path, capsys, mo
     out = tmp_path / "out.mp4"
     code = main(["generate", "--image", str(picture), "--prompt", "waves", "--output", str(out), "--model", model,
                  "--seconds", "1", "--window", "3", "--steps", "2", "--resolution", "64", "--no-teacache",
-                 "--save-latents", str(tmp_path / "l.safetensors"), "--device", "cpu", *_source_flags(tiny_sources, model)])
+                 "--save-latents", str(tmp_path / "l.safetensors"), "--device", "cpu", "--attention", "sdpa",
+                 *_source_flags(tiny_sources, model)])
     assert code == 0
     expected = GenerationSettings(seconds=1, window=3)
     assert read_frames(out).shape[0] == expected.total_frames
@@ -60,6 +61,9 @@ def _one_line_error(capsys, argv):
         (["--window", "abc"], "window"),
         (["--model", "sdxl"], "model"),
         (["--device", "cuda"], "cuda"),
+        # a kernel that is not installed (or not on an NVIDIA GPU) is refused before any model loads
+        (["--device", "cpu", "--attention", "flash"], "--attention flash"),
+        (["--device", "cpu", "--attention", "fastest"], "attention"),
     ],
 )
 def test_invalid_input_exits_2_with_one_line(tiny_sources, picture, tmp_path, capsys, extra, fragment):

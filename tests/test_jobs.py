@@ -268,12 +268,19 @@ def test_model_cache_loads_shared_parts_once_and_swaps_only_the_transformer(tiny
         loads.append("shared")
         return object()
 
+    class Transformer:  # records the attention backend it is given
+        backend = None
+
+        def set_attention_backend(self, name):
+            self.backend = name
+
     def load_transformer(source, device):
         loads.append(Path(source).name)
-        return object()
+        return Transformer()
 
     messages = []
-    cache = ModelCache(lambda: tiny_sources, "cpu", load_shared=load_shared, load_transformer=load_transformer)
+    cache = ModelCache(lambda: tiny_sources, "cpu", load_shared=load_shared, load_transformer=load_transformer,
+                       attention="sdpa")
     assert loads == [] and cache.loaded_model is None  # nothing loads before the first job
     first = cache.components("framepack", notify=messages.append)
     again = cache.components("framepack")
@@ -282,6 +289,8 @@ def test_model_cache_loads_shared_parts_once_and_swaps_only_the_transformer(tiny
     assert first.transformer is again.transformer and first.shared is f1.shared
     assert f1.model == "f1" and cache.loaded_model == "f1" and f1.device == torch.device("cpu")
     assert any("text encoders" in m for m in messages) and any("FramePack-F1 transformer" in m for m in messages)
+    # --attention reaches every transformer as it loads (diffusers' name for SDPA is "native")
+    assert first.transformer.backend == f1.transformer.backend == "native"
 
 
 def test_vram_mode_follows_the_flag():
