@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
+
+from .hooks import add_hook, remove_hook
 
 __all__ = [
     "ALIGN",
@@ -439,12 +441,7 @@ class BlockStreamer:
             self.stats.pinned_bytes = max(self.stats.pinned_bytes, self._staging.pinned_bytes)
         for index, layout in enumerate(self._layouts):
             self._restore(layout)
-            block = layout.block
-            had_registry = hasattr(block, "_diffusers_hook")
-            had_forward = "forward" in vars(block)
-            registry = HookRegistry.check_if_exists_or_initialize(block)
-            registry.register_hook(_StreamHook(self, index), _HOOK_NAME)
-            self._hooked.append((block, had_registry, had_forward))
+            self._hooked.append(add_hook(layout.block, _StreamHook(self, index), _HOOK_NAME))
         self._installed = True
         return self
 
@@ -458,15 +455,8 @@ class BlockStreamer:
         self._staging.synchronize()
         for layout in self._layouts:
             self._restore(layout)
-        for block, had_registry, had_forward in self._hooked:
-            registry = getattr(block, "_diffusers_hook", None)
-            if registry is None or registry.get_hook(_HOOK_NAME) is None:
-                continue
-            _remove_hook(registry, _HOOK_NAME)
-            if not registry.hooks and not had_registry:
-                del block._diffusers_hook
-                if not had_forward and "forward" in vars(block):
-                    del block.forward
+        for hooked in self._hooked:
+            remove_hook(hooked, _HOOK_NAME)
         self._hooked = []
         self._loaded.clear()
         self._current = None
@@ -571,19 +561,6 @@ def _gather(layout: _Layout, target: torch.Tensor) -> None:
     """Copy (and cast) a block's tensors into a byte buffer at their layout offsets."""
     for e in layout.entries:
         target[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape).copy_(e.at_rest)
-
-
-def _remove_hook(registry: HookRegistry, name: str) -> None:
-    # HookRegistry.remove_hook relinks the next (outer) hook's `forward`; for an outer hook that has
-    # its own new_forward (TeaCache's) that would cut it out, so outer hooks come off and go back on.
-    names = list(registry.hooks)
-    index = names.index(name)
-    outer = [(n, registry.hooks[n]) for n in names[index + 1:]]
-    for other, _ in reversed(outer):
-        registry.remove_hook(other, recurse=False)
-    registry.remove_hook(name, recurse=False)
-    for other, hook in outer:
-        registry.register_hook(hook, other)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
+
+from .hooks import add_hook, invalidate_registry_caches, remove_hook
 
 __all__ = ["TeaCache", "apply_teacache", "RESCALE_COEFFICIENTS", "DEFAULT_THRESHOLD"]
 
@@ -129,39 +131,22 @@ class TeaCache:
         head, tail = blocks[0], blocks[-1]
         self._head = head
         for block in blocks:
-            had_registry = hasattr(block, "_diffusers_hook")
-            had_forward = "forward" in vars(block)
             hook = _TeaCacheBlockHook(self, is_head=block is head, is_tail=block is tail)
-            registry = HookRegistry.check_if_exists_or_initialize(block)
-            if block is head:
-                # The head calls norm1 itself, so it must run after any hook that puts the block's
-                # weights in place (diffusers group offloading at block level): innermost.
-                _register_innermost(registry, hook, _HOOK_NAME)
-            else:
-                registry.register_hook(hook, _HOOK_NAME)
-            self._hooked.append((block, had_registry, had_forward))
-        _invalidate_registry_caches(self.transformer)
+            # The head calls norm1 itself, so it must run after any hook that puts the block's
+            # weights in place (diffusers group offloading at block level): innermost.
+            self._hooked.append(add_hook(block, hook, _HOOK_NAME, innermost=block is head))
+        invalidate_registry_caches(self.transformer)
 
     def remove(self) -> None:
         """Remove the TeaCache (Liu et al., 2024) hooks, restoring the transformer's original behaviour."""
         if self._removed:
             return
         self._removed = True
-        for block, had_registry, had_forward in self._hooked:
-            registry = getattr(block, "_diffusers_hook", None)
-            if registry is None:
-                continue
-            hook = registry.get_hook(_HOOK_NAME)
-            if not (isinstance(hook, _TeaCacheBlockHook) and hook.cache is self):
-                continue
-            _remove_hook(registry, _HOOK_NAME)
-            if not registry.hooks and not had_registry:
-                del block._diffusers_hook
-                if not had_forward and "forward" in vars(block):
-                    del block.forward
+        for hooked in self._hooked:
+            remove_hook(hooked, _HOOK_NAME, mine=lambda hook: isinstance(hook, _TeaCacheBlockHook) and hook.cache is self)
         self._hooked = []
         self.previous_modulated_input = self.previous_residual = self._hidden_in = None
-        _invalidate_registry_caches(self.transformer)
+        invalidate_registry_caches(self.transformer)
 
     def skips_block(self, block: torch.nn.Module) -> bool:
         """Whether `block` is bypassed on the current call (a skipped step), so its weights are not needed.
@@ -234,39 +219,6 @@ class _TeaCacheBlockHook(ModelHook):
             cache.previous_residual = output[0] - cache._hidden_in
             cache._hidden_in = None
         return output
-
-
-def _register_innermost(registry: HookRegistry, hook: ModelHook, name: str) -> None:
-    # HookRegistry wraps each new hook around the ones before it; to go inside the existing
-    # hooks we take them off, register ours, and put them back in their original order.
-    others = list(registry.hooks.items())
-    for other_name, _ in reversed(others):
-        registry.remove_hook(other_name, recurse=False)
-    registry.register_hook(hook, name)
-    for other_name, other in others:
-        registry.register_hook(other, other_name)
-
-
-def _remove_hook(registry: HookRegistry, name: str) -> None:
-    names = list(registry.hooks)
-    index = names.index(name)
-    outer = [(n, registry.hooks[n]) for n in names[index + 1:]]
-    if any(hasattr(h, "new_forward") for _, h in outer):
-        # HookRegistry.remove_hook relinks the next hook's `forward`, which for a hook with its
-        # own new_forward would drop that hook; take the outer hooks off and put them back.
-        for other_name, _ in reversed(outer):
-            registry.remove_hook(other_name, recurse=False)
-        registry.remove_hook(name, recurse=False)
-        for other_name, other in outer:
-            registry.register_hook(other, other_name)
-    else:
-        registry.remove_hook(name, recurse=False)
-
-
-def _invalidate_registry_caches(module: torch.nn.Module) -> None:
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is not None:
-        registry.invalidate_child_registries_cache()
 
 
 def _existing(transformer: torch.nn.Module) -> list[TeaCache]:

@@ -1,0 +1,76 @@
+"""Putting our diffusers ModelHooks on blocks and taking them off again, leaving each block as it was.
+
+Weight streaming (offload.py) and TeaCache (teacache.py) both hook the transformer's blocks through
+diffusers' HookRegistry, possibly on the same blocks, possibly beside hooks of other libraries.
+Removing one must leave the others working and, once none of ours is left, the block exactly as
+it was before (no registry, no instance `forward`, when it had none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+
+@dataclass(frozen=True)
+class HookedBlock:
+    """A block we put a hook on, and what it had before: a registry, an instance `forward`."""
+
+    block: torch.nn.Module
+    had_registry: bool
+    had_forward: bool
+
+
+def add_hook(block: torch.nn.Module, hook: ModelHook, name: str, *, innermost: bool = False) -> HookedBlock:
+    """Register `hook` on `block` under `name`, outermost (diffusers' order) or innermost."""
+    hooked = HookedBlock(block, hasattr(block, "_diffusers_hook"), "forward" in vars(block))
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    if innermost:
+        # HookRegistry wraps each new hook around the ones before it; to go inside the existing
+        # hooks we take them off, register ours, and put them back in their original order.
+        others = list(registry.hooks.items())
+        for other_name, _ in reversed(others):
+            registry.remove_hook(other_name, recurse=False)
+        registry.register_hook(hook, name)
+        for other_name, other in others:
+            registry.register_hook(other, other_name)
+    else:
+        registry.register_hook(hook, name)
+    return hooked
+
+
+def remove_hook(hooked: HookedBlock, name: str, mine: Callable[[ModelHook], bool] = lambda hook: True) -> None:
+    """Take the hook `name` off the block if `mine(hook)`; drop the registry if it was ours alone."""
+    block = hooked.block
+    registry = getattr(block, "_diffusers_hook", None)
+    if registry is None:
+        return
+    hook = registry.get_hook(name)
+    if hook is None or not mine(hook):
+        return
+    names = list(registry.hooks)
+    outer = [(n, registry.hooks[n]) for n in names[names.index(name) + 1:]]
+    if any(hasattr(h, "new_forward") for _, h in outer):
+        # HookRegistry.remove_hook relinks the next hook's `forward`, which for a hook with its
+        # own new_forward would drop that hook; take the outer hooks off and put them back.
+        for other_name, _ in reversed(outer):
+            registry.remove_hook(other_name, recurse=False)
+        registry.remove_hook(name, recurse=False)
+        for other_name, other in outer:
+            registry.register_hook(other, other_name)
+    else:
+        registry.remove_hook(name, recurse=False)
+    if not registry.hooks and not hooked.had_registry:
+        del block._diffusers_hook
+        if not hooked.had_forward and "forward" in vars(block):
+            del block.forward
+
+
+def invalidate_registry_caches(module: torch.nn.Module) -> None:
+    """Make a model's registry see hooks added to or removed from its children."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
