@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import struct
@@ -25,6 +26,38 @@ from diffusers_helper.video import read_frames
 # Two sections of one step at the 64-px buckets: a whole job takes about a second on a CPU.
 SMALL = GenerationSettings(prompt="", seconds=1, window=3, steps=1, resolution=64, seed=5, teacache=False)
 JOB_TIMEOUT = 180
+
+# The browser tests drive Debian's Chromium ($CHROMIUM) through Playwright, without Playwright's own download.
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests can't run here (None when Playwright and Chromium are both present)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install playwright)"
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)"
+    return None
+
+
+@contextlib.contextmanager
+def chromium_page(profile: Path, height: int = 1000) -> Iterator[object]:
+    """A page of headless Chromium with a fresh profile folder, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                       args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": height})
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
 
 
 def free_port() -> int:

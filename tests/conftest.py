@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -102,3 +103,15 @@ def transformer_inputs() -> Callable[..., dict]:
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def browser_ready():
+    """Skip a browser test when Playwright or Chromium is missing; fail instead under FRAMEPACK_REQUIRE_BROWSER=1 (CI)."""
+    from appkit import browser_missing
+
+    reason = browser_missing()
+    if reason:
+        if os.environ.get("FRAMEPACK_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"FRAMEPACK_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import appkit
+from appkit import final_video, free_port, is_video, progress_state, stem_of
 from diffusers_helper.app import FORM_FIELDS, AppConfig, build_app, build_parser, config_from_args, launch_options
 from diffusers_helper.conditioning import find_nearest_bucket
 from diffusers_helper.settings import GenerationSettings
@@ -31,12 +32,6 @@ from gradio_client import Client, handle_file  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SMALL = GenerationSettings(prompt="", seconds=1, window=2, steps=2, resolution=64, seed=5)
 JOB_TIMEOUT = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,36 +57,16 @@ def start_image(tmp_path_factory) -> Path:
 
 def form(**changes) -> list:
     """The generation endpoint's inputs after the image, from SMALL with `changes`."""
-    values = {**SMALL.to_dict(), **changes}
-    return [values[name] for name in FORM_FIELDS]
+    return appkit.form(SMALL, **changes)
 
 
 def client(url: str) -> Client:
     return Client(url, verbose=False)
 
 
-def is_video(value) -> bool:
-    """Whether an output is a video path (not None, nor a no-change update)."""
-    return isinstance(value, str) and value.endswith(".mp4")
-
-
-def final_video(result) -> Path:
-    latest, _preview, _progress, final = result  # (the Start and End button updates are not part of the API)
-    assert is_video(final), f"no final video in {result}"
-    return Path(final)
-
-
-def progress_state(html: str) -> str:
-    match = re.search(r'data-state="(\w+)"', html)
-    assert match, html
-    return match.group(1)
-
-
 def sidecar_for(outputs: Path, video: Path) -> dict:
     """The JSON sidecar of a job from a video the page received (its name is kept)."""
-    stem = video.name.split(".")[0]
-    stem = re.sub(r"^\d{6}-", "", stem)  # links of partial videos carry a counter
-    return json.loads((outputs / f"{stem}.json").read_text())
+    return json.loads((outputs / f"{stem_of(video)}.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------

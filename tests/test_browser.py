@@ -14,49 +14,19 @@ used. Without them the test is skipped, unless FRAMEPACK_REQUIRE_BROWSER=1 (CI),
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
+from appkit import chromium_page, free_port
 from diffusers_helper.app import CSS, AppConfig, build_app, theme
 from diffusers_helper.settings import GenerationSettings
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 PROMPT = "The sun sets slowly over the lake while mist drifts across the water."
 SETTINGS = GenerationSettings(seconds=2, window=3, steps=3, resolution=128, seed=42)
 TIMEOUT_MS = 180_000
-
-
-def _missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed (pip install playwright)"
-    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser_ready():
-    reason = _missing()
-    if reason:
-        if os.environ.get("FRAMEPACK_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"FRAMEPACK_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def landscape(path: Path, width: int = 512, height: int = 384) -> Path:
@@ -146,49 +116,39 @@ async (selector) => {
 
 
 def test_generate_in_a_real_browser(app_url, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     image = landscape(tmp_path / "lake.png")
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        try:
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(app_url)
-            page.wait_for_selector("#fp-start", timeout=60_000)
+    with chromium_page(tmp_path / "chromium-profile") as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(app_url)
+        page.wait_for_selector("#fp-start", timeout=60_000)
 
-            page.set_input_files("#fp-image input[type=file]", str(image))
-            page.wait_for_selector("#fp-image img", timeout=60_000)
-            page.fill("#fp-prompt textarea", PROMPT)
-            page.evaluate(WATCH)
-            page.click("#fp-start")
+        page.set_input_files("#fp-image input[type=file]", str(image))
+        page.wait_for_selector("#fp-image img", timeout=60_000)
+        page.fill("#fp-prompt textarea", PROMPT)
+        page.evaluate(WATCH)
+        page.click("#fp-start")
 
-            page.wait_for_function(
-                "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'",
-                timeout=TIMEOUT_MS)
-            page.wait_for_function(
-                "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }",
-                timeout=60_000)
-            played = page.evaluate(PLAY, "#fp-final video")
-            page.wait_for_function("() => !document.querySelector('#fp-start').disabled", timeout=30_000)
-            latest = page.evaluate("() => document.querySelector('#fp-latest video')?.currentSrc || null")
-            text = page.inner_text("#fp-progress")
-            log = page.evaluate("() => window.fpLog")
+        page.wait_for_function(
+            "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'",
+            timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }",
+            timeout=60_000)
+        played = page.evaluate(PLAY, "#fp-final video")
+        page.wait_for_function("() => !document.querySelector('#fp-start').disabled", timeout=30_000)
+        latest = page.evaluate("() => document.querySelector('#fp-latest video')?.currentSrc || null")
+        text = page.inner_text("#fp-progress")
+        log = page.evaluate("() => window.fpLog")
 
-            page.evaluate("() => window.scrollTo(0, 0)")
-            shot = tmp_path / "screenshot.png"
-            page.screenshot(path=str(shot), full_page=True)
-            target = os.environ.get("FRAMEPACK_SCREENSHOT")
-            if target:
-                # a palette PNG: a quarter of the size, and the page's flat colours survive it
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-                Image.open(shot).convert("RGB").quantize(colors=256).save(target, optimize=True)
-        finally:
-            context.close()
+        page.evaluate("() => window.scrollTo(0, 0)")
+        shot = tmp_path / "screenshot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        target = os.environ.get("FRAMEPACK_SCREENSHOT")
+        if target:
+            # a palette PNG: a quarter of the size, and the page's flat colours survive it
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Image.open(shot).convert("RGB").quantize(colors=256).save(target, optimize=True)
 
     # The video plays: the browser decoded it, knows its length, and time moved while it played.
     assert played["error"] is None, played
@@ -212,51 +172,41 @@ def test_generate_in_a_real_browser(app_url, tmp_path):
 
 def test_end_and_mistakes_in_a_real_browser(app_url, tmp_path):
     """Start without an image shows a message and leaves Start usable; End keeps a playable partial video."""
-    from playwright.sync_api import sync_playwright
-
     image = landscape(tmp_path / "lake.png")
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        try:
-            page = context.new_page()
-            page.goto(app_url)
-            page.wait_for_selector("#fp-start", timeout=60_000)
+    with chromium_page(tmp_path / "chromium-profile") as page:
+        page.goto(app_url)
+        page.wait_for_selector("#fp-start", timeout=60_000)
 
-            page.click("#fp-start")
-            page.wait_for_selector("text=Upload a start image first", timeout=30_000)
-            page.wait_for_function("() => !document.querySelector('#fp-start').disabled", timeout=30_000)
+        page.click("#fp-start")
+        page.wait_for_selector("text=Upload a start image first", timeout=30_000)
+        page.wait_for_function("() => !document.querySelector('#fp-start').disabled", timeout=30_000)
 
-            # the quick list fills the prompt; Random seed gives a new seed
-            page.click("text=The cat stretches")
-            assert page.input_value("#fp-prompt textarea").startswith("The cat stretches")
-            seed_before = page.input_value("#fp-seed input")
-            page.click("text=Random seed")
-            page.wait_for_function(f"() => document.querySelector('#fp-seed input').value !== '{seed_before}'")
+        # the quick list fills the prompt; Random seed gives a new seed
+        page.click("text=The cat stretches")
+        assert page.input_value("#fp-prompt textarea").startswith("The cat stretches")
+        seed_before = page.input_value("#fp-seed input")
+        page.click("text=Random seed")
+        page.wait_for_function(f"() => document.querySelector('#fp-seed input').value !== '{seed_before}'")
 
-            page.set_input_files("#fp-image input[type=file]", str(image))
-            page.wait_for_selector("#fp-image img", timeout=60_000)
-            page.fill("#fp-prompt textarea", "mist drifts")
-            # a longer video, so that End comes while sections remain
-            seconds = page.locator("#fp-seconds input[type=number]")
-            seconds.fill("6")
-            seconds.press("Enter")
-            page.click("#fp-start")
-            page.wait_for_function("() => document.querySelector('#fp-latest video')?.currentSrc", timeout=TIMEOUT_MS)
-            page.click("#fp-end")
-            page.wait_for_function(
-                "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'cancelled'",
-                timeout=60_000)
-            page.wait_for_function(
-                "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 1; }",
-                timeout=60_000)
-            played = page.evaluate(PLAY, "#fp-final video")
-            text = page.inner_text("#fp-progress")
-            page.wait_for_function("() => !document.querySelector('#fp-start').disabled", timeout=30_000)
-        finally:
-            context.close()
+        page.set_input_files("#fp-image input[type=file]", str(image))
+        page.wait_for_selector("#fp-image img", timeout=60_000)
+        page.fill("#fp-prompt textarea", "mist drifts")
+        # a longer video, so that End comes while sections remain
+        seconds = page.locator("#fp-seconds input[type=number]")
+        seconds.fill("6")
+        seconds.press("Enter")
+        page.click("#fp-start")
+        page.wait_for_function("() => document.querySelector('#fp-latest video')?.currentSrc", timeout=TIMEOUT_MS)
+        page.click("#fp-end")
+        page.wait_for_function(
+            "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'cancelled'",
+            timeout=60_000)
+        page.wait_for_function(
+            "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 1; }",
+            timeout=60_000)
+        played = page.evaluate(PLAY, "#fp-final video")
+        text = page.inner_text("#fp-progress")
+        page.wait_for_function("() => !document.querySelector('#fp-start').disabled", timeout=30_000)
     assert "Stopped" in text and "kept" in text
     total = SETTINGS.replace(seconds=6).total_frames
     assert played["error"] is None and 0 < played["duration"] < total / 30, played

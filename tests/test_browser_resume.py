@@ -11,51 +11,24 @@ FRAMEPACK_REQUIRE_BROWSER=1) for the same reasons.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from appkit import running_app
+from appkit import chromium_page, running_app
 from diffusers_helper.events import CancelToken, Finished, SectionDone
 from diffusers_helper.pipeline import generate
 from diffusers_helper.settings import GenerationSettings
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
 SETTINGS = GenerationSettings(prompt="the tide comes in", seconds=1.2, window=3, steps=1, resolution=64, seed=8,
                               teacache=False)
 STEM = "2025-01-02_03-04-05-678"
 TIMEOUT_MS = 180_000
 
 
-def _missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed (pip install playwright)"
-    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser_ready():
-    reason = _missing()
-    if reason:
-        if os.environ.get("FRAMEPACK_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"FRAMEPACK_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-
-
 def test_an_interrupted_job_is_resumed_from_the_page(browser_ready, tiny_sources, tiny_components, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     image = tmp_path / "start.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
     components = tiny_components("framepack")
@@ -72,34 +45,27 @@ def test_an_interrupted_job_is_resumed_from_the_page(browser_ready, tiny_sources
     record.update(status="running")  # what a killed process leaves: nobody recorded the end
     sidecar.write_text(json.dumps(record))
 
-    with running_app(outputs, tiny_sources) as (url, _demo), sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1400})
-        try:
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
-            page.wait_for_selector("text=1 job was interrupted", timeout=60_000)
-            assert page.locator("#fp-resume").is_disabled()
-            page.click("#fp-past input")
-            option = page.locator("li", has_text="interrupted").first
-            option.wait_for(timeout=30_000)
-            label = option.inner_text()
-            option.click()
-            page.wait_for_function("() => !document.querySelector('#fp-resume').disabled", timeout=30_000)
-            page.click("#fp-resume")
-            page.wait_for_function(
-                "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'",
-                timeout=TIMEOUT_MS)
-            page.wait_for_function(
-                "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }",
-                timeout=60_000)
-            text = page.inner_text("#fp-progress")
-            duration = page.evaluate("() => document.querySelector('#fp-final video').duration")
-        finally:
-            context.close()
+    with running_app(outputs, tiny_sources) as (url, _demo), chromium_page(tmp_path / "chromium-profile", height=1400) as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector("text=1 job was interrupted", timeout=60_000)
+        assert page.locator("#fp-resume").is_disabled()
+        page.click("#fp-past input")
+        option = page.locator("li", has_text="interrupted").first
+        option.wait_for(timeout=30_000)
+        label = option.inner_text()
+        option.click()
+        page.wait_for_function("() => !document.querySelector('#fp-resume').disabled", timeout=30_000)
+        page.click("#fp-resume")
+        page.wait_for_function(
+            "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'",
+            timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }",
+            timeout=60_000)
+        text = page.inner_text("#fp-progress")
+        duration = page.evaluate("() => document.querySelector('#fp-final video').duration")
 
     assert "can resume" in label and SETTINGS.prompt in label
     assert f"{SETTINGS.total_frames} frames" in text
