@@ -115,3 +115,19 @@ def browser_ready():
         if os.environ.get("FRAMEPACK_REQUIRE_BROWSER") == "1":
             pytest.fail(f"FRAMEPACK_REQUIRE_BROWSER=1 but {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def cli_error(capsys) -> Callable[[list], str]:
+    """Run the CLI on argv expecting a user error: exit status 2 and one line on stderr, which is returned."""
+    from diffusers_helper.__main__ import main
+
+    def run(argv: list) -> str:
+        with pytest.raises(SystemExit) as exc:
+            raise SystemExit(main(argv))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1, err
+        return err
+
+    return run

@@ -93,7 +93,7 @@ def test_videos_are_deleted_without_keep(small_run):
     assert not any(out_dir.iterdir()), sorted(p.name for p in out_dir.iterdir())
 
 
-def test_keep_leaves_the_videos(tiny_sources, tmp_path, capsys):
+def test_keep_leaves_the_videos(tiny_sources, tmp_path, capsys, cli_error):
     out_dir = tmp_path / "kept"
     code = main(["bench-long", "--seconds", "1", "--resolution", "64", "--window", "3", "--steps", "1",
                  "--output-dir", str(out_dir), "--keep", *_source_flags(tiny_sources, "f1"), "--model", "f1"])
@@ -105,18 +105,10 @@ def test_keep_leaves_the_videos(tiny_sources, tmp_path, capsys):
     assert result["frames"] == GenerationSettings(seconds=1, window=3).total_frames
     assert result["last_over_second"] is None or result["sections"] > 1
     # a second run into the same folder refuses to overwrite, before running anything
-    err = _one_line_error(capsys, ["bench-long", "--seconds", "1", "--resolution", "64", "--window", "3",
+    err = cli_error(["bench-long", "--seconds", "1", "--resolution", "64", "--window", "3",
                                    "--output-dir", str(out_dir), "--model", "f1", *_source_flags(tiny_sources, "f1")])
     assert "already exists" in err
 
-
-def _one_line_error(capsys, argv):
-    with pytest.raises(SystemExit) as exc:
-        raise SystemExit(main(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.mark.parametrize(
@@ -134,8 +126,8 @@ def _one_line_error(capsys, argv):
         (["--device", "tpu"], "device"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(capsys, tiny_sources, extra, fragment):
-    err = _one_line_error(capsys, ["bench-long", *_source_flags(tiny_sources), *extra])
+def test_bad_arguments_exit_2_with_one_line(tiny_sources, extra, fragment, cli_error):
+    err = cli_error(["bench-long", *_source_flags(tiny_sources), *extra])
     assert fragment in err
 
 
@@ -148,8 +140,8 @@ def test_bad_arguments_exit_2_from_the_shell():
     assert len(lines) == 1 and lines[0].startswith("error:") and "seconds" in lines[0]
 
 
-def test_missing_model_folder_is_a_user_error(capsys, tmp_path, tiny_sources):
-    err = _one_line_error(capsys, ["bench-long", "--seconds", "1", "--hunyuan", str(tmp_path / "nowhere"),
+def test_missing_model_folder_is_a_user_error(tmp_path, tiny_sources, cli_error):
+    err = cli_error(["bench-long", "--seconds", "1", "--hunyuan", str(tmp_path / "nowhere"),
                                    "--siglip", str(tiny_sources.siglip),
                                    "--transformer", str(tiny_sources.transformer("framepack"))])
     assert "nowhere" in err

@@ -42,15 +42,6 @@ def test_generate_from_local_folders(tiny_sources, picture, tmp_path, capsys, mo
     assert captured.out.strip() == str(out)
 
 
-def _one_line_error(capsys, argv):
-    with pytest.raises(SystemExit) as exc:
-        code = main(argv)
-        raise SystemExit(code)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1, err
-    return err
-
 
 @pytest.mark.parametrize(
     "extra, fragment",
@@ -66,25 +57,25 @@ def _one_line_error(capsys, argv):
         (["--device", "cpu", "--attention", "fastest"], "attention"),
     ],
 )
-def test_invalid_input_exits_2_with_one_line(tiny_sources, picture, tmp_path, capsys, extra, fragment):
+def test_invalid_input_exits_2_with_one_line(tiny_sources, picture, tmp_path, extra, fragment, cli_error):
     if fragment == "cuda":
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA, so asking for it is not an error")
-    err = _one_line_error(capsys, ["generate", "--image", str(picture), "--prompt", "x", "--output",
+    err = cli_error(["generate", "--image", str(picture), "--prompt", "x", "--output",
                                    str(tmp_path / "o.mp4"), *_source_flags(tiny_sources), *extra])
     assert fragment in err
 
 
-def test_missing_image_existing_output_and_missing_source(tiny_sources, picture, tmp_path, capsys):
+def test_missing_image_existing_output_and_missing_source(tiny_sources, picture, tmp_path, cli_error):
     base = ["generate", "--prompt", "x", *_source_flags(tiny_sources)]
-    assert "not found" in _one_line_error(capsys, base + ["--image", str(tmp_path / "nope.png"), "--output", str(tmp_path / "a.mp4")])
+    assert "not found" in cli_error(base + ["--image", str(tmp_path / "nope.png"), "--output", str(tmp_path / "a.mp4")])
     taken = tmp_path / "taken.mp4"
     taken.write_bytes(b"keep")
-    assert "already exists" in _one_line_error(capsys, base + ["--image", str(picture), "--output", str(taken)])
+    assert "already exists" in cli_error(base + ["--image", str(picture), "--output", str(taken)])
     assert taken.read_bytes() == b"keep"
-    err = _one_line_error(capsys, ["generate", "--prompt", "x", "--image", str(picture), "--output", str(tmp_path / "b.mp4"),
+    err = cli_error(["generate", "--prompt", "x", "--image", str(picture), "--output", str(tmp_path / "b.mp4"),
                                    "--hunyuan", str(tmp_path / "no-such-folder"), "--siglip", str(tiny_sources.siglip),
                                    "--transformer", str(tiny_sources.transformer("framepack"))])
     assert "no-such-folder" in err and "--hunyuan" in err

@@ -279,17 +279,23 @@ def test_every_setting_rejects_bad_numbers_through_the_api(app, start_image, nam
     assert outputs_listing(outputs) == before
 
 
-def test_a_model_folder_missing_files_or_with_wrong_shapes_is_a_clear_failure(tiny_sources, tmp_path, start_image):
+def _wrong_shapes_copy(tiny_sources, target: Path) -> Path:
+    """A copy of the tiny FramePack transformer whose proj_out weight has the wrong shape."""
     from safetensors.torch import save_file
 
-    missing = Path(shutil.copytree(tiny_sources.transformer("framepack"), tmp_path / "missing"))
-    (missing / "config.json").unlink()
-    wrong = Path(shutil.copytree(tiny_sources.transformer("framepack"), tmp_path / "wrong"))
+    wrong = Path(shutil.copytree(tiny_sources.transformer("framepack"), target))
     index = json.loads((wrong / "diffusion_pytorch_model.safetensors.index.json").read_text())
     shard = wrong / index["weight_map"]["proj_out.weight"]
     tensors = load_file(shard)
     tensors["proj_out.weight"] = torch.zeros(8, 8, dtype=tensors["proj_out.weight"].dtype)
     save_file(tensors, str(shard), metadata={"format": "pt"})
+    return wrong
+
+
+def test_a_model_folder_missing_files_or_with_wrong_shapes_is_a_clear_failure(tiny_sources, tmp_path, start_image):
+    missing = Path(shutil.copytree(tiny_sources.transformer("framepack"), tmp_path / "missing"))
+    (missing / "config.json").unlink()
+    wrong = _wrong_shapes_copy(tiny_sources, tmp_path / "wrong")
     for folder, message in ((missing, "Model files are missing"), (wrong, "proj_out.weight")):
         outputs = tmp_path / f"out-{folder.name}"
         sources = tiny_sources.with_transformer("framepack", str(folder))
@@ -332,14 +338,7 @@ def test_the_cli_refuses_unusable_images_on_one_line_and_writes_nothing(tiny_sou
 
 def test_the_cli_names_a_model_folder_with_wrong_shapes_and_an_unwritable_output(tiny_sources, start_image, tmp_path,
                                                                                  capsys):
-    from safetensors.torch import save_file
-
-    wrong = Path(shutil.copytree(tiny_sources.transformer("framepack"), tmp_path / "wrong"))
-    index = json.loads((wrong / "diffusion_pytorch_model.safetensors.index.json").read_text())
-    shard = wrong / index["weight_map"]["proj_out.weight"]
-    tensors = load_file(shard)
-    tensors["proj_out.weight"] = torch.zeros(8, 8, dtype=tensors["proj_out.weight"].dtype)
-    save_file(tensors, str(shard), metadata={"format": "pt"})
+    wrong = _wrong_shapes_copy(tiny_sources, tmp_path / "wrong")
     small = ["--seconds", "1", "--window", "3", "--steps", "1", "--resolution", "64", "--device", "cpu"]
     code, err = _cli(["generate", "--image", str(start_image), "--prompt", "x", "--output", str(tmp_path / "a.mp4"),
                       *small, "--hunyuan", str(tiny_sources.hunyuan), "--siglip", str(tiny_sources.siglip),
