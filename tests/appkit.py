@@ -60,6 +60,14 @@ def chromium_page(profile: Path, height: int = 1000) -> Iterator[object]:
             context.close()
 
 
+def wait_for_final_video(page, timeout_ms: int) -> None:
+    """Wait until the page's progress says finished and its final <video> has a frame to show."""
+    page.wait_for_function(
+        "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'", timeout=timeout_ms)
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }", timeout=60_000)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

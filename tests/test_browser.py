@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from appkit import chromium_page, free_port
+from appkit import chromium_page, free_port, wait_for_final_video
 from diffusers_helper.app import CSS, AppConfig, build_app, theme
 from diffusers_helper.settings import GenerationSettings
 
@@ -129,12 +129,7 @@ def test_generate_in_a_real_browser(app_url, tmp_path):
         page.evaluate(WATCH)
         page.click("#fp-start")
 
-        page.wait_for_function(
-            "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'",
-            timeout=TIMEOUT_MS)
-        page.wait_for_function(
-            "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }",
-            timeout=60_000)
+        wait_for_final_video(page, TIMEOUT_MS)
         played = page.evaluate(PLAY, "#fp-final video")
         page.wait_for_function("() => !document.querySelector('#fp-start').disabled", timeout=30_000)
         latest = page.evaluate("() => document.querySelector('#fp-latest video')?.currentSrc || null")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from appkit import chromium_page, running_app
+from appkit import chromium_page, running_app, wait_for_final_video
 from diffusers_helper.events import CancelToken, Finished, SectionDone
 from diffusers_helper.pipeline import generate
 from diffusers_helper.settings import GenerationSettings
@@ -58,12 +58,7 @@ def test_an_interrupted_job_is_resumed_from_the_page(browser_ready, tiny_sources
         option.click()
         page.wait_for_function("() => !document.querySelector('#fp-resume').disabled", timeout=30_000)
         page.click("#fp-resume")
-        page.wait_for_function(
-            "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'",
-            timeout=TIMEOUT_MS)
-        page.wait_for_function(
-            "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }",
-            timeout=60_000)
+        wait_for_final_video(page, TIMEOUT_MS)
         text = page.inner_text("#fp-progress")
         duration = page.evaluate("() => document.querySelector('#fp-final video').duration")
 
