@@ -13,6 +13,7 @@ import argparse
 import html
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -214,6 +215,34 @@ def exposure_warning(args: argparse.Namespace) -> Optional[str]:
             f"see every video in the outputs folder. {guard}; traffic to --server is not encrypted.")
 
 
+# Gradio's file route (/file=URL, /gradio_api/file=URL) fetches public http(s) URLs for any visitor;
+# nothing on this page needs that, and on an exposed page it would be an open proxy.
+_REMOTE_FILE = re.compile(r"/file=\s*[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+class RefuseRemoteFiles:
+    """ASGI middleware: answer 403 to requests that ask the file route for a URL instead of a file."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _REMOTE_FILE.search(scope.get("path", "")):
+            from starlette.responses import PlainTextResponse
+
+            response = PlainTextResponse("This app does not fetch URLs for visitors.", status_code=403)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def server_kwargs() -> dict[str, Any]:
+    """Keyword arguments for the FastAPI app Gradio creates (`launch(app_kwargs=...)`)."""
+    from starlette.middleware import Middleware
+
+    return {"middleware": [Middleware(RefuseRemoteFiles)]}
+
+
 def launch_options(args: argparse.Namespace, config: AppConfig) -> dict[str, Any]:
     """Keyword arguments for `Blocks.launch` from the flags."""
     credentials = getattr(args, "credentials", None)
@@ -225,6 +254,7 @@ def launch_options(args: argparse.Namespace, config: AppConfig) -> dict[str, Any
         auth=list(credentials) if credentials else None,
         # Only the outputs folder; Gradio adds its own upload and cache folders, and nothing else is served.
         allowed_paths=[str(Path(config.outputs).resolve())],
+        app_kwargs=server_kwargs(),
         show_error=True,
         theme=theme(),
         css=CSS,

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import httpx
 
-from diffusers_helper.app import FORM_FIELDS, AppConfig, build_app
+from diffusers_helper.app import FORM_FIELDS, AppConfig, build_app, server_kwargs
 from diffusers_helper.settings import GenerationSettings
 from diffusers_helper.video import read_frames
 
@@ -79,7 +79,7 @@ def running_app(outputs: Path, sources, defaults: GenerationSettings = SMALL, **
     """Build and launch the app on a free local port; yields (url, demo) and shuts everything down."""
     demo = build_app(AppConfig(outputs=outputs, sources=sources, device="cpu", defaults=defaults))
     options = dict(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                   allowed_paths=[str(Path(outputs).resolve())])
+                   allowed_paths=[str(Path(outputs).resolve())], app_kwargs=server_kwargs())
     options.update(launch)
     _, url, _ = demo.launch(**options)
     try:

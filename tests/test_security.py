@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from appkit import SMALL, final_video, form, free_port, progress_message, progress_state, running_app, upload
-from diffusers_helper.app import build_parser, exposure_warning, launch_options, config_from_args, parse_args
+from diffusers_helper.app import (RefuseRemoteFiles, build_parser, config_from_args, exposure_warning, launch_options,
+                                  parse_args)
 
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is needed to drive the app")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -230,6 +231,22 @@ def test_no_request_reads_a_file_outside_the_outputs_folder(app, tiny_sources):
                 prefix, target, response.status_code)
             assert SECRET not in response.text and "root:x:0" not in response.text, (prefix, target)
             assert response.status_code in (400, 403, 404, 405), (prefix, target, response.status_code)
+
+
+def test_the_file_route_fetches_no_urls_for_visitors(app):
+    """Gradio's file route would fetch public URLs for anyone; the app refuses before any request leaves."""
+    url, _outputs, _secret, _video = app
+    targets = ["https://pypi.org/simple/", "http://example.com/", "HTTPS://pypi.org/", "https:%2F%2Fpypi.org/",
+               " https://pypi.org/", "ftp://example.com/x"]
+    for prefix in ("gradio_api/file=", "file="):
+        for target in targets:
+            response = _fetch(url, prefix + target)
+            assert response.status_code == 403 and "does not fetch URLs" in response.text, (prefix, target)
+    # the page's own files are still served, and demo_gradio.py launches with the same guard
+    assert _fetch(url, "gradio_api/file=" + str(_video)).status_code == 200
+    args = parse_args(["--outputs", str(_outputs)])
+    middleware = launch_options(args, config_from_args(args))["app_kwargs"]["middleware"]
+    assert [m.cls for m in middleware] == [RefuseRemoteFiles]
 
 
 def test_api_inputs_cannot_name_files_on_the_server(app):
