@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from . import joblock
 from .events import CancelToken, Cancelled, Event, Failed, Finished, Stage
 from .settings import GenerationSettings, ModelSources
 
@@ -402,9 +403,12 @@ def remove_stale_files(output: Path, *, keep_latest_partial: bool = True) -> lis
     A job writes every file under a hidden temporary name and renames it into place, so a process
     killed mid-write leaves such a temporary (possibly short or empty) and, between two sections,
     two partial videos. Finished files (the sidecar, start image, latents, the newest partial) are
-    kept unless `keep_latest_partial` is False (after the resumed job finished).
+    kept unless `keep_latest_partial` is False (after the resumed job finished). A job that a
+    process is generating right now is left alone: JobBusy.
     """
     output = Path(output)
+    if joblock.is_running(output):  # its temporaries are live files of a job being generated
+        raise joblock.JobBusy(joblock.busy_message(output))
     folder, stem = output.parent, output.name[: -len(output.suffix)] if output.suffix else output.name
     removed: list[Path] = []
     temporaries = [p for p in folder.glob(f".{glob_escape(stem)}.*") if p.name.endswith((".tmp", ".part", ".mp4"))]
@@ -442,12 +446,13 @@ class PastOutput:
     settings: dict = field(default_factory=dict, compare=False)
     record: dict = field(default_factory=dict, compare=False, repr=False)
     latents: Optional[Path] = None
+    running: bool = False  # a process (this one or another) is generating it now
 
     @property
     def resumable(self) -> bool:
         """Whether the job stopped early (ended, failed or killed) with finished sections to continue from."""
         finished = self.video is not None and self.video.name == f"{self.stem}.mp4"
-        return self.status != "finished" and not finished and self.latents is not None
+        return self.status != "finished" and not finished and self.latents is not None and not self.running
 
     @property
     def label(self) -> str:
@@ -465,7 +470,7 @@ class PastOutput:
             prompt = prompt[:47] + "…"
         if self.status == "finished":
             state = ""
-        elif running:
+        elif running or self.running:
             state = " [running]"
         else:
             kind = "interrupted" if self.status == "running" else self.status
@@ -512,6 +517,7 @@ def read_output(sidecar: Path) -> Optional[PastOutput]:
         stem=stem, sidecar=sidecar, video=video, input_image=image if ours(image) else None,
         status=str(record.get("status", "unknown")), model=str(record.get("model", record["settings"].get("model", ""))),
         settings=dict(record["settings"]), record=record, latents=latents if ours(latents) else None,
+        running=record.get("status") == "running" and joblock.is_running(folder / f"{stem}.mp4"),
     )
 
 

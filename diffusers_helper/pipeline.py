@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from . import __version__
+from . import __version__, joblock
 from .conditioning import (
     encode_image,
     encode_prompt,
@@ -104,6 +104,8 @@ def load_resume_state(output: Path | str) -> ResumeState:
     paths = OutputPaths(Path(output))
     if paths.video.exists():
         raise ValueError(f"{paths.video.name} is already finished; there is nothing to resume.")
+    if joblock.is_running(paths.video):
+        raise joblock.JobBusy(joblock.busy_message(paths.video))
     for needed in (paths.sidecar, paths.input_image, paths.latents):
         if not needed.exists():
             raise ValueError(f"Can't resume {paths.video.name}: {needed.name} is missing (the job stopped before its first section).")
@@ -253,6 +255,7 @@ class _Job:
         self._teacache = None
         self._sidecar: Optional[Path] = None
         self._record: dict[str, Any] = {}
+        self._held = contextlib.ExitStack()  # the job's running lock, released after cleanup
 
     def record_status(self, status: str, message: Optional[str] = None) -> None:
         """Write how the job ended into its sidecar, once the job has one."""
@@ -275,6 +278,7 @@ class _Job:
             self._writer.close()
             self._writer = None
         empty_cache(self.placement.device)
+        self._held.close()
 
     def run(self, image, output: Path, save_latents, metadata: dict[str, Any],
             resume_state: Optional[ResumeState] = None) -> Finished:
@@ -297,6 +301,8 @@ class _Job:
             raise ValueError(f"{clash[0]} already exists; choose another output name (outputs are never overwritten).")
         pixels_in = load_image(image)
         paths.video.parent.mkdir(parents=True, exist_ok=True)
+        # other windows and commands see the job as running, not interrupted, until it ends
+        self._held.enter_context(joblock.hold(paths.video))
         device = self.placement.device
         transformer = c.transformer
         dtype = _compute_dtype(transformer)
