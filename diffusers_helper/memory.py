@@ -120,6 +120,35 @@ def choose_vram_mode(requested: str, device, *, free_bytes: Optional[int] = None
     return VramMode.HIGH if free_bytes is not None and free_bytes >= need else VramMode.LOW
 
 
+def release_host_memory() -> bool:
+    """Hand freed system memory back to the OS (glibc's malloc_trim); True where that exists.
+
+    A section allocates and frees gigabytes of short-lived buffers (decoded frames, the VAE's
+    feature maps, the latents file); glibc keeps freed heap memory for reuse, so without a trim the
+    process's resident memory creeps up over a long video. Elsewhere (Windows, macOS, musl) the
+    allocator returns memory by itself or offers no such call.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim = None
+
+
 def empty_cache(device: torch.device) -> None:
     """Give cached accelerator memory back after a model leaves the device."""
     gc.collect()

@@ -41,7 +41,8 @@ from .events import (
     Stage,
     StepProgress,
 )
-from .memory import GIB, Placement, VramMode, empty_cache, is_out_of_memory, ram_notice, system_memory
+from .memory import (GIB, Placement, VramMode, empty_cache, is_out_of_memory, ram_notice, release_host_memory,
+                     system_memory)
 from .packing import add_to_history, initial_history, latents_to_decode, layout_for, plan_sections, real_history
 from .sampling import flow_shift_mu, get_sigmas_flow_shift, sample_unipc
 from .settings import VIDEO_FPS, GenerationSettings
@@ -423,6 +424,8 @@ class _Job:
                 previous.unlink(missing_ok=True)
             _write_json(paths.sidecar, {**record, "status": "running", "sections_done": section,
                                         "elapsed_seconds": round(time.monotonic() - started, 3)})
+            del pixels, to_decode
+            release_host_memory()  # the section's buffers, so that memory stays flat over a long video
             self.emit(SectionDone(section=section, sections=s.sections, video_path=self.latest_video,
                                   frames=self.frames, latent_frames=generated_frames))
 
