@@ -400,6 +400,9 @@ class _Job:
                 generated = sample_section(
                     transformer, noise.to(device), layout, start_latent, cond, uncond, s, dtype=dtype, callback=on_step
                 ).float().cpu()
+            # the layout's tensors are views into this history: drop them so that the old history is
+            # freed as soon as the new, longer one exists (else two copies live through every decode)
+            del layout
 
             if model == "framepack" and plan.is_last:
                 generated = torch.cat([start_latent.to(generated), generated], dim=2)

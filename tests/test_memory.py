@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -443,3 +444,35 @@ def test_freed_host_memory_goes_back_to_the_system():
     assert grown > 150  # the allocations were resident
     assert kept > 120  # freed but still held by the allocator
     assert after < kept - 100  # the trim handed most of it back
+
+
+def test_only_one_copy_of_the_history_latents_lives_while_a_section_decodes(tiny_components, tmp_path, monkeypatch):
+    """The previous section's history (and views into it) is released once the new one exists.
+
+    Each section makes a new, longer history tensor; anything still pointing into the old one
+    would keep a second copy alive, a leak that grows with the video's length.
+    """
+    import gc
+
+    from diffusers_helper import pipeline as pipeline_module
+
+    counts = []
+    real_decode = pipeline_module.vae_decode
+
+    def decode_and_count(latents, vae):
+        gc.collect()
+        storages = {t.untyped_storage().data_ptr() for t in gc.get_objects()
+                    if isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[1] == 16 and t.shape[2] >= 19
+                    and not isinstance(t, torch.nn.Parameter)}
+        counts.append(len(storages))
+        return real_decode(latents, vae)
+
+    monkeypatch.setattr(pipeline_module, "vae_decode", decode_and_count)
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    for model in ("framepack", "f1"):
+        counts.clear()
+        settings = GenerationSettings(model=model, seconds=2, window=3, steps=1, resolution=64, teacache=False)
+        events = list(generate(tiny_components(model), settings, image, tmp_path / model / "v.mp4"))
+        assert isinstance(events[-1], Finished)
+        assert len(counts) == settings.sections and counts == [1] * settings.sections, (model, counts)
