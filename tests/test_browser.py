@@ -178,7 +178,9 @@ def test_end_and_mistakes_in_a_real_browser(app_url, tmp_path):
 
         # the quick list fills the prompt; Random seed gives a new seed
         page.click("text=The cat stretches")
-        assert page.input_value("#fp-prompt textarea").startswith("The cat stretches")
+        page.wait_for_function(  # the page fills the prompt after a round trip
+            "() => document.querySelector('#fp-prompt textarea').value.startsWith('The cat stretches')",
+            timeout=30_000)
         seed_before = page.input_value("#fp-seed input")
         page.click("text=Random seed")
         page.wait_for_function(f"() => document.querySelector('#fp-seed input').value !== '{seed_before}'")
