@@ -101,7 +101,7 @@ class AppConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `python demo_gradio.py`."""
-    from .__main__ import add_source_arguments
+    from .__main__ import ATTENTION_HELP, add_source_arguments
 
     parser = argparse.ArgumentParser(
         prog="python demo_gradio.py",
@@ -128,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vram", default="auto", choices=["auto", "high", "low"],
                         help="high: keep every model on the GPU; low: move each to the GPU only for its stage; "
                              "auto (default): high on GPUs with 60 GiB or more")
-    parser.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
-                        help="attention kernel: auto (default: flash-attn or xFormers when installed on an NVIDIA "
-                             "GPU, else PyTorch SDPA), sdpa, flash, sage or xformers")
+    parser.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES), help=ATTENTION_HELP)
     return parser
 
 

@@ -261,9 +261,9 @@ def _print_table(report: dict, file) -> None:
 
 
 def _user_error(message: str) -> int:
-    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    print(f"error: {one_line}", file=sys.stderr)
-    return 2
+    from .__main__ import _user_error as report  # the CLI's one-line error, status 2
+
+    return report(str(message))
 
 
 # --------------------------------------------------------------------------------------------

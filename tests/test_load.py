@@ -7,7 +7,6 @@ Takes well under two minutes on a CPU (each job is two one-step sections at 64 p
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 
 from appkit import SMALL, final_video, form, progress_state, running_app, stem_of
 from diffusers_helper import jobs as jobs_module
+from diffusers_helper.memory import release_host_memory
 from diffusers_helper.video import read_frames
 
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is needed to drive the app")
@@ -40,10 +40,7 @@ def rss_bytes() -> int:
     RSS then measures allocator fragmentation left by earlier tests rather than memory still held.
     """
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: measure as is
+    release_host_memory()  # not glibc: measure as is
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
