@@ -40,7 +40,7 @@ def rss_bytes() -> int:
     RSS then measures allocator fragmentation left by earlier tests rather than memory still held.
     """
     gc.collect()
-    release_host_memory()  # not glibc: measure as is
+    release_host_memory()  # a no-op where the allocator has no trim: then measure as is
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024

@@ -10,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from PIL import Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,7 +29,8 @@ from diffusers_helper.memory import (
     transformer_tokens,
 )
 from diffusers_helper.offload import module_tensors, streamable_blocks, tensors_bytes
-from diffusers_helper.pipeline import generate
+from diffusers_helper.packing import HISTORY_FRAMES
+from diffusers_helper.pipeline import LATENT_CHANNELS, generate
 from diffusers_helper.settings import GenerationSettings
 
 FAST = dict(prompt="a cat walks on the grass", seconds=1.2, window=3, steps=3, resolution=64, seed=7)
@@ -355,6 +355,7 @@ from diffusers import HunyuanVideoFramepackTransformer3DModel as T
 from diffusers_helper.loading import load_transformer
 from diffusers_helper.memory import Placement, VramMode
 from diffusers_helper.offload import module_tensors, streamable_blocks, tensors_bytes
+from diffusers_helper.packing import HISTORY_FRAMES
 def anon():
     t = Path("/proc/self/smaps_rollup").read_text()
     return int(re.search(r"^Anonymous:\s+(\d+) kB", t, re.M).group(1)) * 1024
@@ -446,7 +447,7 @@ def test_freed_host_memory_goes_back_to_the_system():
     assert after < kept - 100  # the trim handed most of it back
 
 
-def test_only_one_copy_of_the_history_latents_lives_while_a_section_decodes(tiny_components, tmp_path, monkeypatch):
+def test_only_one_copy_of_the_history_latents_lives_while_a_section_decodes(tiny_components, image, tmp_path, monkeypatch):
     """The previous section's history (and views into it) is released once the new one exists.
 
     Each section makes a new, longer history tensor; anything still pointing into the old one
@@ -462,17 +463,15 @@ def test_only_one_copy_of_the_history_latents_lives_while_a_section_decodes(tiny
     def decode_and_count(latents, vae):
         gc.collect()
         storages = {t.untyped_storage().data_ptr() for t in gc.get_objects()
-                    if isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[1] == 16 and t.shape[2] >= 19
+                    if isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[1] == LATENT_CHANNELS
+                    and t.shape[2] >= HISTORY_FRAMES
                     and not isinstance(t, torch.nn.Parameter)}
         counts.append(len(storages))
         return real_decode(latents, vae)
 
     monkeypatch.setattr(pipeline_module, "vae_decode", decode_and_count)
-    image = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
     for model in ("framepack", "f1"):
         counts.clear()
         settings = GenerationSettings(model=model, seconds=2, window=3, steps=1, resolution=64, teacache=False)
-        events = list(generate(tiny_components(model), settings, image, tmp_path / model / "v.mp4"))
-        assert isinstance(events[-1], Finished)
+        assert isinstance(run(tiny_components(model), settings, image, tmp_path / model / "v.mp4"), Finished)
         assert len(counts) == settings.sections and counts == [1] * settings.sections, (model, counts)
