@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,67 @@ class CancelToken:
             raise JobCancelled()
 
 
+class StageName(str, enum.Enum):
+    """The stages of a job, in the order a job goes through them (sampling to writing once per section)."""
+
+    LOADING = "loading"  # models being loaded (by the runtime, before the pipeline runs)
+    TEXT = "text"  # encoding the prompts
+    VAE_ENCODE = "vae_encode"  # the start image's latent
+    IMAGE_ENCODER = "image_encoder"  # the start image's SigLIP embedding
+    RESUMING = "resume"  # rebuilding what an interrupted job had finished
+    SAMPLING = "sampling"
+    VAE_DECODE = "vae_decode"
+    WRITING = "writing"
+
+
 @dataclass(frozen=True)
 class Stage:
-    """The job entered a stage (loading, encoding the prompt, encoding the image, decoding ...)."""
+    """The job entered a stage; `message` says what it is doing in words."""
 
-    name: str
+    name: StageName
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", StageName(self.name))
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about the result, e.g. that the prompt was cut; the job goes on."""
+
+    message: str
+
+
+class Advice(enum.Enum):
+    """What a user can do about a failure. Each front end says it in its own words (a flag, a slider)."""
+
+    CLOSE_GPU_PROGRAMS = "close other programs that use the GPU"
+    LOW_VRAM_MODE = "stream the models (low VRAM mode)"
+    PRESERVE_MORE_MEMORY = "keep more GPU memory free for the computation"
+    SMALLER_JOB = "lower the resolution or the latent window"
+    USE_CPU = "run on the CPU (very slow)"
+
+
+class AdviceError(ValueError):
+    """A user-facing error that comes with things to try; str() is only what happened."""
+
+    def __init__(self, message: str, advice: tuple[Advice, ...] = ()):
+        super().__init__(message)
+        self.advice = tuple(advice)
+
+
+def with_advice(message: str, advice: tuple[Advice, ...], wording: dict[Advice, str]) -> str:
+    """`message` followed by one sentence of advice in a front end's `wording`."""
+    if not advice:
+        return message
+    parts = [wording[a] for a in advice]
+    if len(parts) == 1:
+        listed = parts[0]
+    elif len(parts) == 2:
+        listed = f"{parts[0]} or {parts[1]}"
+    else:
+        listed = ", ".join(parts[:-1]) + ", or " + parts[-1]
+    return f"{message} {listed[0].upper()}{listed[1:]}."
 
 
 @dataclass(frozen=True)
@@ -88,10 +144,11 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """The job stopped on an error; `message` says what went wrong and what to do."""
+    """The job stopped on an error; `message` says what went wrong, `advice` what the user can do."""
 
     message: str
     video_path: Optional[Path] = None
+    advice: tuple[Advice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,4 +159,4 @@ class Cancelled:
     frames: int = 0
 
 
-Event = Union[Stage, StepProgress, SectionDone, Finished, Failed, Cancelled]
+Event = Union[Stage, Notice, StepProgress, SectionDone, Finished, Failed, Cancelled]

@@ -1,36 +1,33 @@
-"""Jobs: a queue with one worker thread, per-job event streams and cancel tokens; models and outputs.
+"""Jobs: a queue with one worker thread, per-job event streams and cancel tokens.
 
 `JobQueue` runs one job at a time (a GPU holds one generation) on its worker thread. Every job
 has its own event queue and its own `CancelToken`, so a consumer only ever sees its own job's
 events; a job that waits is told its place in the line (`Queued`) whenever that changes.
-`FramePackRunner` is what the app's worker runs for a job: it loads the models on first use
-(and swaps the transformer when the model variant changes), picks a fresh output name, and
-streams `pipeline.generate`. `list_outputs` reads the outputs folder back for the page.
+`FramePackRunner` is what the app's worker runs for a job: it picks a fresh output name and
+streams the job through the app's `Runtime` (which loads the models on first use and swaps the
+transformer when the model variant changes).
 
-Nothing here keeps module-level mutable state: the queue, the model cache and the output
-namer are objects that the app creates and owns.
+Nothing here keeps module-level mutable state: the queue, the runtime and the output namer are
+objects that the app creates and owns.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import re
-import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from . import joblock
-from .events import CancelToken, Cancelled, Event, Failed, Finished, Stage
-from .settings import GenerationSettings, ModelSources
+from .events import AdviceError, CancelToken, Cancelled, Event, Failed, Finished, JobCancelled, Stage, StageName
+from .outputs import OutputNamer, remove_stale_files
+from .runtime import Runtime
+from .settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +227,7 @@ class JobQueue:
         except Exception as exc:  # noqa: BLE001 - one job's error must not stop the worker
             logger.exception("job %s failed", job.id)
             message = str(exc) if isinstance(exc, ValueError) else f"Generation failed: {type(exc).__name__}: {exc}"
-            job.post(Failed(message))
+            job.post(Failed(message, advice=exc.advice if isinstance(exc, AdviceError) else ()))
         if not job.done:
             job.post(Failed("The generation ended without a result."))
 
@@ -239,311 +236,43 @@ class JobQueue:
 # What the worker runs for a job
 
 
-class ModelCache:
-    """The loaded components: shared ones once, one transformer at a time (the other variant's is released)."""
-
-    def __init__(self, sources: Union[ModelSources, Callable[[], ModelSources]], device,
-                 *, load_shared: Optional[Callable] = None, load_transformer: Optional[Callable] = None,
-                 attention: str = "auto"):
-        self._sources = sources
-        self._device = device
-        self._attention = attention  # --attention: the kernel is set on each transformer as it loads
-        self._load_shared = load_shared
-        self._load_transformer = load_transformer
-        self._lock = threading.Lock()
-        self._shared = None
-        self._transformer = None
-        self._model: Optional[str] = None
-
-    @property
-    def loaded_model(self) -> Optional[str]:
-        """The variant whose transformer is loaded, if any."""
-        return self._model
-
-    def sources(self) -> ModelSources:
-        """The sources, resolved once (building tiny models, for instance, happens on first use)."""
-        if callable(self._sources):
-            self._sources = self._sources()
-        return self._sources
-
-    def components(self, model: str, notify: Callable[[str], None] = lambda message: None,
-                   cancel: Optional[CancelToken] = None):
-        """Components for `model`, loading what is missing; `notify` hears what is being loaded."""
-        from .loading import Components, component_dtypes, load_shared, load_transformer, resolve_device
-
-        load_shared = self._load_shared or load_shared
-        load_transformer = self._load_transformer or load_transformer
-        with self._lock:
-            if not hasattr(self._device, "type"):
-                self._device = resolve_device(self._device)
-            device = self._device
-            if self._shared is None:
-                notify("Getting the model files ready (first use)")
-                sources = self.sources()
-                notify("Loading the text encoders, VAE and image encoder (first use)")
-                self._shared = load_shared(sources, device)
-            if cancel is not None:
-                cancel.check()
-            if self._model != model:
-                if self._transformer is not None:
-                    # Release the other variant first: two transformers rarely fit in memory.
-                    notify(f"Unloading the {display_name(self._model)} transformer")
-                    self._transformer, self._model = None, None
-                    from .memory import empty_cache
-
-                    empty_cache(device)
-                notify(f"Loading the {display_name(model)} transformer")
-                from .attention import set_attention
-
-                transformer = load_transformer(self.sources().transformer(model), device)
-                set_attention(transformer, self._attention, device)
-                self._transformer, self._model = transformer, model
-            return Components(shared=self._shared, transformer=self._transformer, model=model,
-                              device=device, dtypes=component_dtypes(device))
-
-
-def display_name(model: Optional[str]) -> str:
-    """The product name of a model variant."""
-    return {"framepack": "FramePack", "f1": "FramePack-F1"}.get(model or "", str(model))
-
-
-class OutputNamer:
-    """Fresh output paths named by local time (to the millisecond), with a counter if that is taken."""
-
-    def __init__(self, folder: Path, clock: Callable[[], datetime] = datetime.now):
-        self.folder = Path(folder)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._given: set[str] = set()
-
-    def next(self) -> Path:
-        """A new `<folder>/<YYYY-MM-DD_HH-MM-SS-mmm>[_N].mp4` that no file of a job uses yet."""
-        with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            stamp = self._clock().strftime("%Y-%m-%d_%H-%M-%S-%f")[:-3]
-            for n in itertools.count(1):
-                stem = stamp if n == 1 else f"{stamp}_{n}"
-                if stem not in self._given and not any(self.folder.glob(f"{glob_escape(stem)}.*")):
-                    self._given.add(stem)
-                    return self.folder / f"{stem}.mp4"
-            raise AssertionError("unreachable")
-
-
-def glob_escape(text: str) -> str:
-    """`text` with glob wildcards escaped."""
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
 class FramePackRunner:
-    """Runs a job: models (loaded on first use), a fresh output name, then the pipeline's events."""
+    """Runs a job: models (loaded on first use by the runtime), a fresh output name, then the pipeline's events."""
 
-    def __init__(self, models: ModelCache, outputs: Path, *, vram: str = "auto"):
-        self.models = models
+    def __init__(self, runtime: Runtime, outputs: Path):
+        self.runtime = runtime
         self.namer = OutputNamer(outputs)
-        self.vram = vram
-        self._placement = None
         self.running: Optional[Path] = None  # the final video path of the job being generated
 
     def __call__(self, job: Job) -> Iterator[Event]:
-        from .events import JobCancelled
-        from .memory import Placement, choose_vram_mode
-        from .pipeline import generate, resume
-
-        settings = job.request.settings
+        request = job.request
         # Loading blocks this (worker) thread, so its progress is posted to the job's stream directly.
+        notify = lambda message: job.post(Stage(StageName.LOADING, message))  # noqa: E731
+        output = request.resume if request.resume is not None else self._new_output()
+        self.running = output
         try:
-            components = self.models.components(
-                settings.model, notify=lambda message: job.post(Stage("loading", message)), cancel=job.cancel_token
-            )
+            if request.resume is not None:
+                remove_stale_files(output)
+                events = self.runtime.resume(output, cancel=job.cancel_token, notify=notify)
+            else:
+                events = self.runtime.generate(request.settings, request.image, output, cancel=job.cancel_token,
+                                               notify=notify)
             job.cancel_token.check()
+            last = None
+            for last in events:
+                yield last
+            if request.resume is not None and isinstance(last, Finished):
+                remove_stale_files(output, keep_latest_partial=False)
         except JobCancelled:
             yield Cancelled(video_path=None, frames=0)
-            return
-        if self._placement is None:
-            self._placement = Placement(components.device, choose_vram_mode(self.vram, components.device))
-        if job.request.resume is not None:
-            output = Path(job.request.resume)
-            remove_stale_files(output)
-            self.running = output
-            try:
-                last = None
-                for last in resume(components, output, cancel=job.cancel_token, placement=self._placement):
-                    yield last
-                if isinstance(last, Finished):
-                    remove_stale_files(output, keep_latest_partial=False)
-            finally:
-                self.running = None
-            return
+        finally:
+            self.running = None
+
+    def _new_output(self) -> Path:
         try:
-            output = self.namer.next()
+            return self.namer.next()
         except OSError as exc:
             raise ValueError(
                 f"The outputs folder {self.namer.folder} can't be written ({exc.strerror or exc}); make sure it is a "
                 "folder you may write to, or start the app with another --outputs folder."
             ) from None
-        sources = self.models.sources()
-        metadata = {
-            "sources": {"hunyuan": str(sources.hunyuan), "siglip": str(sources.siglip),
-                        "transformer": str(sources.transformer(settings.model))},
-            "device": str(components.device),
-            "vram_mode": self._placement.mode.value,
-        }
-        self.running = output
-        try:
-            yield from generate(components, settings, job.request.image, output, cancel=job.cancel_token,
-                                placement=self._placement, metadata=metadata)
-        finally:
-            self.running = None
-
-
-def remove_stale_files(output: Path, *, keep_latest_partial: bool = True) -> list[Path]:
-    """Remove what a killed job left beside its files: hidden temporaries, the video writer's work
-    folder and superseded partial videos.
-
-    A job writes every file under a hidden temporary name and renames it into place, so a process
-    killed mid-write leaves such a temporary (possibly short or empty) and, between two sections,
-    two partial videos. Finished files (the sidecar, start image, latents, the newest partial) are
-    kept unless `keep_latest_partial` is False (after the resumed job finished). A job that a
-    process is generating right now is left alone: JobBusy.
-    """
-    output = Path(output)
-    if joblock.is_running(output):  # its temporaries are live files of a job being generated
-        raise joblock.JobBusy(joblock.busy_message(output))
-    folder, stem = output.parent, output.name[: -len(output.suffix)] if output.suffix else output.name
-    removed: list[Path] = []
-    temporaries = [p for p in folder.glob(f".{glob_escape(stem)}.*") if p.name.endswith((".tmp", ".part", ".mp4"))]
-    partials = sorted(folder.glob(f"{glob_escape(stem)}.part[0-9][0-9][0-9].mp4"))
-    if keep_latest_partial:
-        partials = partials[:-1]
-    for path in temporaries + partials:
-        if path.is_file() or path.is_symlink():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    # the video writer's folder of encoded sections, named after the job's first partial video
-    for work in folder.glob(f".{glob_escape(stem)}.part[0-9][0-9][0-9].mp4.segments-*"):
-        if work.is_dir() and not work.is_symlink():
-            shutil.rmtree(work, ignore_errors=True)
-            removed.append(work)
-    return removed
-
-
-# ---------------------------------------------------------------------------------------------
-# Past outputs, read back from the outputs folder
-
-_STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-\d{3}(_\d+)?$")
-
-
-@dataclass(frozen=True)
-class PastOutput:
-    """One job's files in the outputs folder, described by its JSON sidecar."""
-
-    stem: str
-    sidecar: Path
-    video: Optional[Path]
-    input_image: Optional[Path]
-    status: str
-    model: str
-    settings: dict = field(default_factory=dict, compare=False)
-    record: dict = field(default_factory=dict, compare=False, repr=False)
-    latents: Optional[Path] = None
-    running: bool = False  # a process (this one or another) is generating it now
-
-    @property
-    def resumable(self) -> bool:
-        """Whether the job stopped early (ended, failed or killed) with finished sections to continue from."""
-        finished = self.video is not None and self.video.name == f"{self.stem}.mp4"
-        return self.status != "finished" and not finished and self.latents is not None and not self.running
-
-    @property
-    def label(self) -> str:
-        """One line for a list: time, model, state, the start of the prompt."""
-        return self.describe()
-
-    def describe(self, running: bool = False) -> str:
-        """The label; `running` says the job is being generated now (else a 'running' sidecar means it was interrupted)."""
-        when = self.stem
-        if _STAMP.match(self.stem):
-            date, clock = self.stem.split("_", 1)
-            when = f"{date} {clock[:8].replace('-', ':')}{clock[12:].replace('_', ' #')}"
-        prompt = " ".join(str(self.settings.get("prompt", "")).split())
-        if len(prompt) > 48:
-            prompt = prompt[:47] + "…"
-        if self.status == "finished":
-            state = ""
-        elif running or self.running:
-            state = " [running]"
-        else:
-            kind = "interrupted" if self.status == "running" else self.status
-            parts = ["partial"] if self.video else []
-            parts += [kind] + (["can resume"] if self.resumable else [])
-            state = f" [{', '.join(dict.fromkeys(parts))}]"
-        return f"{when} · {display_name(self.model)}{state} · {prompt or '(no prompt)'}"
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether `path`, with every link followed, lies in `folder` (a link pointing outside does not)."""
-    try:
-        return path.resolve().parent == folder.resolve()
-    except (OSError, RuntimeError):
-        return False
-
-
-def read_output(sidecar: Path) -> Optional[PastOutput]:
-    """The PastOutput of a sidecar, or None when it is not one of ours or unreadable."""
-    sidecar = Path(sidecar)
-    folder = sidecar.parent
-
-    def ours(path: Path) -> bool:
-        # only plain files of this folder: a link pointing elsewhere is never read or shown
-        return path.is_file() and _inside(path, folder)
-
-    if not ours(sidecar):
-        return None
-    try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
-        return None
-    stem = sidecar.name[: -len(".json")]
-    video = folder / f"{stem}.mp4"
-    if not ours(video):
-        # An ended or interrupted job keeps its last partial video.
-        parts = [p for p in sorted(folder.glob(f"{glob_escape(stem)}.part[0-9][0-9][0-9].mp4")) if ours(p)]
-        video = parts[-1] if parts else None
-    image = folder / f"{stem}.png"
-    latents = folder / f"{stem}.latents.safetensors"
-    return PastOutput(
-        stem=stem, sidecar=sidecar, video=video, input_image=image if ours(image) else None,
-        status=str(record.get("status", "unknown")), model=str(record.get("model", record["settings"].get("model", ""))),
-        settings=dict(record["settings"]), record=record, latents=latents if ours(latents) else None,
-        running=record.get("status") == "running" and joblock.is_running(folder / f"{stem}.mp4"),
-    )
-
-
-def list_outputs(folder: Path, limit: int = 200) -> list[PastOutput]:
-    """The jobs in `folder`, newest first (timestamp names in reverse order, then others by age)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    sidecars = [p for p in folder.glob("*.json") if not p.name.startswith(".")]
-
-    def key(path: Path) -> tuple:
-        stem = path.name[: -len(".json")]
-        if _STAMP.match(stem):
-            date = stem[:23]
-            suffix = int(stem[24:]) if len(stem) > 23 else 1
-            return (1, date, suffix)
-        try:
-            return (0, path.stat().st_mtime, 0)
-        except OSError:
-            return (0, 0.0, 0)
-
-    found = []
-    for sidecar in sorted(sidecars, key=key, reverse=True):
-        item = read_output(sidecar)
-        if item is not None:
-            found.append(item)
-            if len(found) >= limit:
-                break
-    return found

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .events import Advice, AdviceError
 from .offload import (
     OffloadPlan,
     StagingPool,
@@ -47,8 +48,8 @@ class VramMode(str, enum.Enum):
     LOW = "low"
 
 
-class InsufficientMemory(ValueError):
-    """The machine cannot run this job in any mode; the message says what to change."""
+class InsufficientMemory(AdviceError):
+    """The machine cannot run this job (in this mode); the message says why, `advice` what to change."""
 
 
 # Free GPU memory from which 'auto' keeps every model resident when the models' sizes are not known:
@@ -302,14 +303,14 @@ def check_fits(needs: JobNeeds, *, mode: VramMode, device_type: str, free_device
     if free_device_bytes < low:
         raise InsufficientMemory(
             f"Not enough GPU memory: even with the models streamed, this job needs about {_gb(low)} free on the "
-            f"GPU (for {needs.largest_stage}), and {_gb(free_device_bytes)} is free. Lower the resolution or the "
-            "latent window, close other programs that use the GPU, or run on the CPU (--device cpu; very slow)."
+            f"GPU (for {needs.largest_stage}), and {_gb(free_device_bytes)} is free.",
+            (Advice.SMALLER_JOB, Advice.CLOSE_GPU_PROGRAMS, Advice.USE_CPU),
         )
     if mode is VramMode.HIGH and free_device_bytes < needs.high_device_bytes:
         raise InsufficientMemory(
             f"Not enough GPU memory to keep every model on the GPU: that needs about {_gb(needs.high_device_bytes)} "
-            f"and {_gb(free_device_bytes)} is free. Use low-VRAM mode (--vram low, or --vram auto), which "
-            "streams the models and needs about " + _gb(low) + "."
+            f"and {_gb(free_device_bytes)} is free; with the models streamed the job needs about {_gb(low)}.",
+            (Advice.LOW_VRAM_MODE,),
         )
 
 
@@ -397,8 +398,8 @@ class Placement:
         if plan.device_bytes > room:
             raise InsufficientMemory(
                 f"Not enough GPU memory for {type(module).__name__}: it needs {_gb(fixed + plan.ring_bytes)} "
-                f"even with its blocks streamed one at a time, and {_gb(free)} is free. Close other programs "
-                "that use the GPU, or run on the CPU (--device cpu; very slow)."
+                f"even with its blocks streamed one at a time, and {_gb(free)} is free.",
+                (Advice.CLOSE_GPU_PROGRAMS, Advice.USE_CPU),
             )
         self.stats.plans.append({
             "model": type(module).__name__, "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed),

@@ -43,17 +43,6 @@ def section_paddings(sections: int) -> list[int]:
     return list(reversed(range(sections)))
 
 
-def initial_history(model: str, start_latent: torch.Tensor) -> torch.Tensor:
-    """History latents before the first section: zeros for the context (and the start latent for F1)."""
-    b, c, _, h, w = start_latent.shape
-    zeros = torch.zeros((b, c, HISTORY_FRAMES, h, w), dtype=torch.float32)
-    if model == "framepack":
-        return zeros
-    if model == "f1":
-        return torch.cat([zeros, start_latent.to(zeros)], dim=2)
-    raise ValueError(f"unknown model {model!r}")
-
-
 def framepack_layout(history: torch.Tensor, window: int, padding: int) -> SectionLayout:
     """Inverted anti-drifting layout: [start 1 | blank p·w | noisy w | 1x 1 | 2x 2 | 4x 16].
 
@@ -93,60 +82,6 @@ def f1_layout(history: torch.Tensor, window: int) -> SectionLayout:
     )
 
 
-@dataclass(frozen=True)
-class SectionPlan:
-    """One section of the schedule: its 0-based number, the framepack padding, and whether it is last."""
-
-    index: int
-    padding: int
-    is_last: bool
-
-
-def plan_sections(model: str, sections: int) -> list[SectionPlan]:
-    """The ordered sections of a job for either variant."""
-    if model == "framepack":
-        paddings = section_paddings(sections)
-    elif model == "f1":
-        paddings = [0] * sections
-    else:
-        raise ValueError(f"unknown model {model!r}")
-    return [SectionPlan(i, p, i == sections - 1) for i, p in enumerate(paddings)]
-
-
-def layout_for(model: str, history: torch.Tensor, window: int, plan: SectionPlan) -> SectionLayout:
-    """The context layout of one section, for either variant."""
-    if model == "framepack":
-        return framepack_layout(history, window, plan.padding)
-    return f1_layout(history, window)
-
-
-def add_to_history(model: str, history: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """History after a section: framepack prepends the new latents, F1 appends them."""
-    generated = generated.to(history)
-    if model == "framepack":
-        return torch.cat([generated, history], dim=2)
-    return torch.cat([history, generated], dim=2)
-
-
-def real_history(model: str, history: torch.Tensor, generated_frames: int) -> torch.Tensor:
-    """The generated part of the history (without the zero context padding), in time order."""
-    if model == "framepack":
-        return history[:, :, :generated_frames]
-    return history[:, :, -generated_frames:]
-
-
-def latents_to_decode(model: str, real: torch.Tensor, window: int, first: bool, is_last: bool) -> tuple[torch.Tensor, int]:
-    """Latent frames to VAE-decode after a section, and the pixel overlap to blend with the video so far.
-
-    After the first section everything is decoded. Later, only the newest 2·window latent frames
-    (plus the start latent in framepack's last section) are decoded: re-decoding the neighbouring
-    window gives the VAE temporal context at the seam, and its window·4 − 3 frames are blended with
-    the earlier decode of the same frames.
-    """
-    if first:
-        return real, 0
-    count = 2 * window + (1 if (model == "framepack" and is_last) else 0)
-    overlap = window * 4 - 3
-    if model == "framepack":
-        return real[:, :, :count], overlap
-    return real[:, :, -count:], overlap
+def overlap_frames(window: int) -> int:
+    """Video frames a section's decode shares with the video so far, cross-faded at the seam: 4·window − 3."""
+    return window * 4 - 3

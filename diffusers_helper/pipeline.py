@@ -1,4 +1,13 @@
-"""The section loop of FramePack and FramePack-F1, as a generator of typed events."""
+"""The section loop of FramePack and FramePack-F1, as a generator of typed events.
+
+A job is a numbered recipe (`_Job.run`): 1. check the inputs and claim the outputs, 2. encode the
+prompts (each distinct one once), 3. bucket, resize and crop the start image, 4. encode it (VAE
+latent and SigLIP embedding), 5. plan the sections, 6. sample, join, decode and write each section,
+7. put the finished files in place. What differs between the models is asked of the variant
+(`variants.py`); what conditions each section is read from its plan (`sections.py`). Resuming an
+interrupted job is a lead-in: it reads back what the job had finished, replays its random draws
+and video, and the same loop goes on.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from . import __version__, joblock
+from . import __version__, outputs, video
 from .conditioning import (
     encode_image,
     encode_prompt,
@@ -31,21 +40,27 @@ from .conditioning import (
     vae_encode,
 )
 from .events import (
+    Advice,
+    AdviceError,
     CancelToken,
     Cancelled,
     Event,
     Failed,
     Finished,
     JobCancelled,
+    Notice,
     SectionDone,
     Stage,
+    StageName,
     StepProgress,
 )
-from .memory import (GIB, Placement, VramMode, empty_cache, is_out_of_memory, ram_notice, release_host_memory,
-                     system_memory)
-from .packing import add_to_history, initial_history, latents_to_decode, layout_for, plan_sections, real_history
+from .memory import GIB, Placement, VramMode, empty_cache, is_out_of_memory, ram_notice, release_host_memory, system_memory
+from .outputs import OutputPaths, atomic_write, write_json
+from .packing import overlap_frames
 from .sampling import flow_shift_mu, get_sigmas_flow_shift, sample_unipc
+from .sections import START, SectionPlan, distinct_prompts, plan_sections
 from .settings import VIDEO_FPS, GenerationSettings
+from .variants import Variant, variant
 
 logger = logging.getLogger(__name__)
 
@@ -53,37 +68,12 @@ LATENT_CHANNELS = 16
 VAE_SPATIAL = 8
 # The transformer's timestep and distilled-guidance inputs are scaled by 1000, as in training.
 TIME_SCALE = 1000.0
+# Keys of a job's record that describe how far it got; a resumed job starts from the rest.
+_PROGRESS_KEYS = ("status", "sections_done", "frames", "elapsed_seconds", "video", "message")
 
 
-@dataclass(frozen=True)
-class OutputPaths:
-    """Every file a job writes, derived from the final video's path."""
-
-    video: Path
-
-    @property
-    def stem(self) -> Path:
-        return self.video.with_suffix("")
-
-    @property
-    def input_image(self) -> Path:
-        return Path(f"{self.stem}.png")
-
-    @property
-    def sidecar(self) -> Path:
-        return Path(f"{self.stem}.json")
-
-    @property
-    def latents(self) -> Path:
-        return Path(f"{self.stem}.latents.safetensors")
-
-    def partial(self, section: int) -> Path:
-        """The playable video of everything up to 1-based section `section`."""
-        return Path(f"{self.stem}.part{section:03d}.mp4")
-
-    def existing(self) -> list[Path]:
-        """The paths of this job that already exist (a job never overwrites them)."""
-        return [p for p in (self.video, self.input_image, self.sidecar, self.latents) if p.exists()]
+# ---------------------------------------------------------------------------------------------
+# Resuming
 
 
 @dataclass(frozen=True)
@@ -105,8 +95,8 @@ def load_resume_state(output: Path | str) -> ResumeState:
     paths = OutputPaths(Path(output))
     if paths.video.exists():
         raise ValueError(f"{paths.video.name} is already finished; there is nothing to resume.")
-    if joblock.is_running(paths.video):
-        raise joblock.JobBusy(joblock.busy_message(paths.video))
+    if outputs.is_running(paths.video):
+        raise outputs.JobBusy(outputs.busy_message(paths.video))
     for needed in (paths.sidecar, paths.input_image, paths.latents):
         if not needed.exists():
             raise ValueError(f"Can't resume {paths.video.name}: {needed.name} is missing (the job stopped before its first section).")
@@ -118,22 +108,25 @@ def load_resume_state(output: Path | str) -> ResumeState:
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"Can't resume {paths.video.name}: its files are damaged ({exc}).") from None
     # the latents are written before the video and the sidecar, so they say how far the job got
-    generated = history.shape[2] - (1 if settings.model == "f1" else 0)
-    done, rest = divmod(generated, settings.window)
+    done, rest = variant(settings.model).sections_in(history.shape[2], settings.window)
     if rest or not 1 <= done < settings.sections:
         raise ValueError(f"Can't resume {paths.video.name}: its latents don't match its settings.")
     record = {k: v for k, v in record.items() if k not in _PROGRESS_KEYS}
     return ResumeState(paths.video, settings, record, done, history, start)
 
 
-_PROGRESS_KEYS = ("status", "sections_done", "frames", "elapsed_seconds", "video", "message")
+def resume(components, output: Path | str, *, state: Optional[ResumeState] = None, **kwargs) -> Iterator[Event]:
+    """Continue an interrupted job from its last finished section; the result equals an uninterrupted run.
 
-
-def resume(components, output: Path | str, **kwargs) -> Iterator[Event]:
-    """Continue an interrupted job from its last finished section; the result equals an uninterrupted run."""
-    state = load_resume_state(output)
+    `state` is what `load_resume_state(output)` returned, when the caller has read it already.
+    """
+    state = state or load_resume_state(output)
     return generate(components, state.settings, OutputPaths(state.output).input_image, state.output,
                     resume_state=state, metadata=state.record, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job
 
 
 def generate(
@@ -198,32 +191,30 @@ def run_job(
     try:
         emit(job.run(image, Path(output), save_latents, metadata or {}, resume_state))
     except JobCancelled:
-        job.record_status("cancelled")
+        job.write_record("cancelled", quiet=True)
         emit(Cancelled(video_path=job.latest_video, frames=job.frames))
     except ValueError as exc:
-        job.record_status("failed", str(exc))
-        emit(Failed(str(exc), video_path=job.latest_video))
+        job.fail(str(exc), exc.advice if isinstance(exc, AdviceError) else ())
     except OSError as exc:
         # a full disk or an unwritable folder: the files written so far are complete (temp + rename)
         message = _write_failure(exc, Path(output))
         logger.warning("job stopped: %s (%s)", message, exc)
-        job.record_status("failed", message)
-        emit(Failed(message, video_path=job.latest_video))
+        job.fail(message)
     except Exception as exc:  # noqa: BLE001 - a job must end with an event, never kill the worker
         if is_out_of_memory(exc):
-            if placement.mode is VramMode.HIGH and placement.device.type != "cpu":
-                advice = "use low-VRAM mode (--vram low), lower the resolution or the latent window"
-            else:
-                advice = "raise 'GPU Inference Preserved Memory', lower the resolution or the latent window"
-            message = (f"Out of memory. Close other programs using the GPU, {advice}; "
-                       "finished sections were kept.")
+            job.fail("Out of memory; finished sections were kept.", _out_of_memory_advice(placement))
         else:
             logger.exception("generation failed")
-            message = f"Generation failed: {type(exc).__name__}: {exc}"
-        job.record_status("failed", message)
-        emit(Failed(message, video_path=job.latest_video))
+            job.fail(f"Generation failed: {type(exc).__name__}: {exc}")
     finally:
         job.cleanup()
+
+
+def _out_of_memory_advice(placement: Placement) -> tuple[Advice, ...]:
+    """What helps after running out of GPU memory: streaming the models if they were all resident, else keeping more free."""
+    streaming = placement.mode is VramMode.HIGH and placement.device.type != "cpu"
+    return (Advice.CLOSE_GPU_PROGRAMS, Advice.LOW_VRAM_MODE if streaming else Advice.PRESERVE_MORE_MEMORY,
+            Advice.SMALLER_JOB)
 
 
 def _write_failure(exc: OSError, output: Path) -> str:
@@ -240,36 +231,315 @@ def _write_failure(exc: OSError, output: Path) -> str:
             "choose another one; finished sections were kept.")
 
 
+@dataclass
+class _Encoded:
+    """What a job's sections are conditioned on, by name (see sections.SectionPlan)."""
+
+    latents: dict[str, torch.Tensor]  # image name -> VAE latent (float32, CPU)
+    conditions: dict[tuple[str, str], tuple[dict, dict]]  # (prompt, image) -> (cond, uncond) transformer kwargs
+    preview: "LatentPreview"
+
+
 class _Job:
-    """State of one running generation."""
+    """State of one running generation; `run` is the recipe, each step a method."""
 
     def __init__(self, components, settings: GenerationSettings, placement: Placement, cancel: CancelToken, emit):
         self.c = components
         self.s = settings
+        self.variant: Variant = variant(settings.model)
         self.placement = placement
         self.cancel = cancel
         self.emit = emit
+        self.paths: Optional[OutputPaths] = None
         self.latest_video: Optional[Path] = None
         self.frames = 0
         self.sections_done = 0
+        self.history: Optional[torch.Tensor] = None
+        self.generated_frames = 0
         self._writer = None
         self._teacache = None
-        self._sidecar: Optional[Path] = None
-        self._record: dict[str, Any] = {}
+        self._record: Optional[dict[str, Any]] = None  # set once the job has a sidecar
+        self._started: Optional[float] = None
+        self._generator: Optional[torch.Generator] = None
         self._held = contextlib.ExitStack()  # the job's running lock, released after cleanup
 
-    def record_status(self, status: str, message: Optional[str] = None) -> None:
-        """Write how the job ended into its sidecar, once the job has one."""
-        if self._sidecar is None:
+    def run(self, image, output: Path, save_latents, metadata: dict[str, Any],
+            resume_state: Optional[ResumeState] = None) -> Finished:
+        """The recipe; a resumed job reads its start image and latent back instead of computing them."""
+        s = self.s
+        # 1. Check inputs and claim the outputs
+        pixels = self.check_inputs(image, output, save_latents, resumed=resume_state is not None)
+        bucket = pixels.shape[:2] if resume_state else find_nearest_bucket(*pixels.shape[:2], s.resolution)
+        self.check_machine(bucket, metadata, resume_state.sections_done if resume_state else 0)
+        plans = plan_sections(s, self.variant)
+        # 2. Encode the prompts
+        prompts = self.encode_prompts(distinct_prompts(plans))
+        # 3. Bucket, resize and crop (a resumed job reads back the crop it saved)
+        cropped = pixels if resume_state else self.crop(pixels, bucket)
+        # 4. Encode the start image: VAE latent and SigLIP embedding
+        encoded = self.encode_images(cropped, prompts, plans, resume_state)
+        # 5. Start the sections: history, random numbers, video writer, step cache
+        self.start_sections(encoded)
+        if resume_state is not None:
+            self.replay(resume_state, plans, cropped.shape[:2])
+        # 6. Sample, join, decode and write each section
+        for plan in plans[self.sections_done:]:
+            self.run_section(plan, encoded, cropped.shape[:2])
+        # 7. Put the finished files in place
+        return self.finish(save_latents)
+
+    # -- 1. inputs, outputs and the machine ---------------------------------------------------
+
+    def check_inputs(self, image, output: Path, save_latents, *, resumed: bool) -> np.ndarray:
+        """Refuse what cannot run before anything is written; take the job's running lock."""
+        if self.s.model != self.c.model:
+            raise ValueError(f"The settings ask for model '{self.s.model}' but '{self.c.model}' is loaded.")
+        paths = OutputPaths(output)
+        if paths.video.suffix.lower() != ".mp4":
+            raise ValueError(f"The output must be an .mp4 file, not '{paths.video.name}'.")
+        # a resumed job continues its own files; only its final video must not exist yet
+        clash = [paths.video] if resumed else paths.finished_files()
+        clash += [Path(save_latents)] if save_latents else []
+        clash = [p for p in clash if p.exists()]
+        if clash:
+            raise ValueError(f"{clash[0]} already exists; choose another output name (outputs are never overwritten).")
+        pixels = load_image(image)
+        paths.folder.mkdir(parents=True, exist_ok=True)
+        # other windows and commands see the job as running, not interrupted, until it ends
+        self._held.enter_context(outputs.hold(paths.video))
+        self.paths = paths
+        return pixels
+
+    def check_machine(self, bucket: tuple[int, int], metadata: dict[str, Any], sections_done: int) -> None:
+        """Can this machine run the job at all (GPU memory, RAM)? Then open the job's record."""
+        needs = self.placement.check(self.c, self.s, *bucket)
+        self._record = {**metadata, "software": f"framepack-independent {__version__}", "model": self.s.model,
+                        "settings": self.s.to_dict()}
+        self.sections_done = sections_done
+        self.write_record("running")
+        slow_ram = ram_notice(needs, system_memory()[0], self.placement.mode)
+        if slow_ram:
+            self.emit(Notice(slow_ram))
+
+    # -- 2.-4. conditioning ---------------------------------------------------------------------
+
+    def encode_prompts(self, texts: list[str]) -> dict[str, tuple[Any, Any]]:
+        """Each prompt's (positive, negative) embeddings; the negative is encoded once, and only for real CFG."""
+        c, s = self.c, self.s
+        self.stage(StageName.TEXT, "Encoding the prompt")
+        encoded = {}
+        with self.placement.use(c.text_encoder, c.text_encoder_2):
+            negative = None
+            if s.cfg != 1:
+                negative = encode_prompt(s.negative_prompt, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2)
+            for text in texts:
+                positive = encode_prompt(text, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2)
+                encoded[text] = (positive, negative if negative is not None else positive.zeros_like())
+        if any(positive.truncated for positive, _ in encoded.values()):
+            self.emit(Notice("The prompt is longer than 256 tokens; the rest was cut off."))
+        self.cancel.check()
+        return encoded
+
+    def crop(self, pixels: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
+        """The start image resized and centre-cropped to its bucket, saved as the job's input image."""
+        height, width = bucket
+        cropped = resize_and_center_crop(pixels, width, height)
+        with atomic_write(self.paths.input_image) as tmp:
+            Image.fromarray(cropped).save(tmp, format="PNG")
+        return cropped
+
+    def encode_images(self, cropped: np.ndarray, prompts: dict, plans: list[SectionPlan],
+                      resume_state: Optional[ResumeState]) -> _Encoded:
+        """The start image's latent and embedding, and the transformer's conditioning for each (prompt, image) used."""
+        c, s = self.c, self.s
+        if resume_state is None:
+            self.stage(StageName.VAE_ENCODE, "Encoding the start image")
+            with self.placement.use(c.vae):
+                start_latent = vae_encode(image_to_tensor(cropped), c.vae).float().cpu()
+        else:
+            start_latent = resume_state.start_latent
+        preview = LatentPreview.fit(start_latent, cropped)
+        self.cancel.check()
+        self.stage(StageName.IMAGE_ENCODER, "Encoding the image with SigLIP")
+        with self.placement.use(c.image_encoder):
+            embeddings = {START: encode_image(cropped, c.feature_extractor, c.image_encoder)}
+        self.cancel.check()
+        dtype, device = _compute_dtype(c.transformer), self.placement.device
+        conditions = {}
+        for key in dict.fromkeys((plan.prompt, plan.image) for plan in plans):
+            positive, negative = prompts[key[0]]
+            image_embeds = embeddings[key[1]]
+            conditions[key] = (_conditioning(positive, image_embeds, s.distilled_cfg, dtype, device),
+                               _conditioning(negative, image_embeds, s.distilled_cfg, dtype, device))
+        return _Encoded(latents={START: start_latent}, conditions=conditions, preview=preview)
+
+    # -- 5.-6. sections -------------------------------------------------------------------------
+
+    def start_sections(self, encoded: _Encoded) -> None:
+        """The history, the random numbers, the video writer and the step cache, as before the first section."""
+        from .teacache import apply_teacache
+
+        s = self.s
+        self._generator = torch.Generator("cpu").manual_seed(s.seed)
+        self.history = self.variant.initial_history(encoded.latents[START])
+        self.generated_frames = self.variant.start_frames
+        self._writer = video.SectionVideoWriter(
+            direction=self.variant.direction, fps=VIDEO_FPS, crf=s.crf, work_prefix=self.paths.work_prefix,
+            metadata={"comment": json.dumps(self._record, sort_keys=True)},
+        )
+        if s.teacache:
+            self._teacache = apply_teacache(self.c.transformer, num_steps=s.steps)
+        self._started = time.monotonic()
+
+    def draw_noise(self, size: tuple[int, int]) -> torch.Tensor:
+        """The next section's starting noise (float32, CPU), from the job's seeded generator."""
+        height, width = size
+        shape = (1, LATENT_CHANNELS, self.s.window, height // VAE_SPATIAL, width // VAE_SPATIAL)
+        return torch.randn(shape, generator=self._generator, dtype=torch.float32)
+
+    def replay(self, state: ResumeState, plans: list[SectionPlan], size: tuple[int, int]) -> None:
+        """Bring a resumed job to where it stopped: the same random draws, history and video pixels.
+
+        The finished sections' video is rebuilt by decoding their saved latents again (decoding is
+        deterministic and cheap next to sampling), so the video equals that of an uninterrupted run.
+        """
+        s, done = self.s, state.sections_done
+        self.stage(StageName.RESUMING, f"Resuming after section {done} of {s.sections}")
+        partial = self.paths.partial(done)
+        self.latest_video = partial if partial.exists() else None
+        for _ in range(done):
+            self.draw_noise(size)
+        saved = state.history_latents
+        self.history = self.variant.resume_history(saved, self.history)
+        for plan in plans[:done]:
+            pixels, overlap = self.decode(self.variant.saved_after(saved, plan.index + 1, s.window), plan, is_last=False)
+            self.cancel.check()
+            # the writer always produces a playable file; these rebuilt ones are not needed
+            scratch = self.paths.replay_scratch(plan.index + 1)
+            try:
+                self._writer.add_section(pixels, overlap, scratch, next_overlap=overlap_frames(s.window))
+            finally:
+                scratch.unlink(missing_ok=True)
+        self.generated_frames = saved.shape[2]
+        self.frames = self._writer.frames
+        self.sections_done = done
+
+    def run_section(self, plan: SectionPlan, encoded: _Encoded, size: tuple[int, int]) -> None:
+        """Sample one section, join it to the history, save the latents, decode and write the video so far."""
+        s = self.s
+        self.cancel.check()
+        section = plan.index + 1
+        layout = self.variant.layout(self.history, s.window, plan.padding)
+        noise = self.draw_noise(size)
+        self.stage(StageName.SAMPLING, f"Sampling section {section} of {s.sections}")
+        generated = self.sample(plan, layout, noise, encoded)
+        # the layout's tensors are views into this history: drop them so that the old history is
+        # freed as soon as the new, longer one exists (else two copies live through every decode)
+        del layout
+        self.history, added = self.variant.join(self.history, generated, start_latent=encoded.latents[START],
+                                                is_last=plan.is_last)
+        self.generated_frames += added
+        real = self.variant.real_history(self.history, self.generated_frames)
+        save_latents_file(self.paths.latents, {"history_latents": real, "start_latent": encoded.latents[START]},
+                          replace=True)
+        self.stage(StageName.VAE_DECODE, f"Decoding section {section} of {s.sections}")
+        pixels, overlap = self.decode(real, plan, is_last=plan.is_last)
+        del real
+        self.cancel.check()
+        self.write_section(plan, pixels, overlap)
+
+    def sample(self, plan: SectionPlan, layout, noise: torch.Tensor, encoded: _Encoded) -> torch.Tensor:
+        """Denoise one section's window with the transformer on the device; returns float32 latents on the CPU."""
+        s, transformer = self.s, self.c.transformer
+        cond, uncond = encoded.conditions[(plan.prompt, plan.image)]
+        section = plan.index + 1
+
+        def on_step(info: dict) -> None:
+            self.emit(StepProgress(
+                step=info["i"] + 1, steps=s.steps, section=section, sections=s.sections,
+                frames_so_far=self.frames, preview=encoded.preview(info["denoised"]),
+            ))
+            self.cancel.check()
+
+        skip = self._teacache.skips_block if self._teacache is not None else None
+        with self.placement.use(transformer, preserve_bytes=s.gpu_memory_preservation * GIB, skip_block=skip):
+            if self._teacache is not None:
+                self._teacache.reset(s.steps)
+            return sample_section(
+                transformer, noise.to(self.placement.device), layout, encoded.latents[plan.anchor], cond, uncond, s,
+                dtype=_compute_dtype(transformer), callback=on_step,
+            ).float().cpu()
+
+    def decode(self, real: torch.Tensor, plan: SectionPlan, *, is_last: bool) -> tuple[torch.Tensor, int]:
+        """Pixels of the newest latents (with the VAE's context at the seam) and how many frames overlap the video."""
+        to_decode, overlap = self.variant.decode_window(real, self.s.window, first=plan.index == 0, is_last=is_last)
+        with self.placement.use(self.c.vae, tiling=True):
+            pixels = vae_decode(to_decode, self.c.vae).cpu()
+        return pixels, overlap
+
+    def write_section(self, plan: SectionPlan, pixels: torch.Tensor, overlap: int) -> None:
+        """Blend the section into the video and write a playable MP4 of everything so far; the previous one goes."""
+        s, section = self.s, plan.index + 1
+        self.stage(StageName.WRITING, f"Writing the video after section {section}")
+        previous = self.latest_video
+        next_overlap = 0 if plan.is_last else overlap_frames(s.window)
+        self.latest_video = self._writer.add_section(pixels, overlap, self.paths.partial(section),
+                                                     next_overlap=next_overlap)
+        self.frames = self._writer.frames
+        self.sections_done = section
+        if previous is not None and previous != self.latest_video:
+            previous.unlink(missing_ok=True)
+        self.write_record("running")
+        del pixels
+        release_host_memory()  # the section's buffers, so that memory stays flat over a long video
+        self.emit(SectionDone(section=section, sections=s.sections, video_path=self.latest_video,
+                              frames=self.frames, latent_frames=self.generated_frames))
+
+    # -- 7. finishing ---------------------------------------------------------------------------
+
+    def finish(self, save_latents) -> Finished:
+        """Move the last partial video to the final name, write the latents asked for, mark the job finished."""
+        paths = self.paths
+        try:
+            outputs.publish(self.latest_video, paths.video)
+        except FileExistsError:
+            raise ValueError(f"{paths.video} appeared while the job ran; the video was kept as {self.latest_video}.") from None
+        self.latest_video = paths.video
+        latents_path = None
+        if save_latents:
+            latents_path = Path(save_latents)
+            final = self.variant.real_history(self.history, self.generated_frames)
+            save_latents_file(latents_path, {"history_latents": final}, replace=False)
+        self.write_record("finished")
+        return Finished(video_path=paths.video, frames=self.frames, latents_path=latents_path,
+                        input_image_path=paths.input_image)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def stage(self, name: StageName, message: str) -> None:
+        self.emit(Stage(name, message))
+
+    def write_record(self, status: str, message: Optional[str] = None, *, quiet: bool = False) -> None:
+        """Write the job's record (settings, sources, how far it got) into its sidecar, once it has one."""
+        if self._record is None:
             return
         data = {**self._record, "status": status, "sections_done": self.sections_done, "frames": self.frames,
                 "video": self.latest_video.name if self.latest_video else None}
+        if self._started is not None:
+            data["elapsed_seconds"] = round(time.monotonic() - self._started, 3)
         if message:
             data["message"] = message
         try:
-            _write_json(self._sidecar, data)
+            write_json(self.paths.sidecar, data)
         except OSError:
-            logger.exception("could not update %s", self._sidecar)
+            if not quiet:
+                raise
+            logger.exception("could not update %s", self.paths.sidecar)
+
+    def fail(self, message: str, advice: tuple[Advice, ...] = ()) -> None:
+        """End the job with a Failed event; its record says why."""
+        self.write_record("failed", message, quiet=True)
+        self.emit(Failed(message, video_path=self.latest_video, advice=tuple(advice)))
 
     def cleanup(self) -> None:
         if self._teacache is not None:
@@ -280,206 +550,6 @@ class _Job:
             self._writer = None
         empty_cache(self.placement.device)
         self._held.close()
-
-    def run(self, image, output: Path, save_latents, metadata: dict[str, Any],
-            resume_state: Optional[ResumeState] = None) -> Finished:
-        from .teacache import apply_teacache
-        from .video import SectionVideoWriter
-
-        s, c = self.s, self.c
-        model = c.model
-        if s.model != model:
-            raise ValueError(f"The settings ask for model '{s.model}' but '{model}' is loaded.")
-
-        # 1. Check inputs
-        paths = OutputPaths(output)
-        if paths.video.suffix.lower() != ".mp4":
-            raise ValueError(f"The output must be an .mp4 file, not '{paths.video.name}'.")
-        clash = [paths.video] if resume_state else paths.existing()
-        clash = [p for p in clash if p.exists()]
-        clash += [Path(save_latents)] if save_latents and Path(save_latents).exists() else []
-        if clash:
-            raise ValueError(f"{clash[0]} already exists; choose another output name (outputs are never overwritten).")
-        pixels_in = load_image(image)
-        paths.video.parent.mkdir(parents=True, exist_ok=True)
-        # other windows and commands see the job as running, not interrupted, until it ends
-        self._held.enter_context(joblock.hold(paths.video))
-        device = self.placement.device
-        transformer = c.transformer
-        dtype = _compute_dtype(transformer)
-        # before any work: can this machine run the job at all (free GPU memory, RAM)?
-        bucket = pixels_in.shape[:2] if resume_state else find_nearest_bucket(*pixels_in.shape[:2], s.resolution)
-        needs = self.placement.check(c, s, *bucket)
-        record = {
-            **metadata,
-            "software": f"framepack-independent {__version__}",
-            "model": model,
-            "settings": s.to_dict(),
-        }
-        self.sections_done = resume_state.sections_done if resume_state else 0
-        _write_json(paths.sidecar, {**record, "status": "running", "sections_done": self.sections_done})
-        self._sidecar, self._record = paths.sidecar, record
-        slow_ram = ram_notice(needs, system_memory()[0], self.placement.mode)
-        if slow_ram:
-            self.stage("notice", slow_ram)
-
-        # 2. Encode the prompt (LLaMA + CLIP-L)
-        self.stage("text", "Encoding the prompt")
-        with self.placement.use(c.text_encoder, c.text_encoder_2):
-            positive = encode_prompt(s.prompt, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2)
-            if s.cfg == 1:
-                negative = positive.zeros_like()
-            else:
-                negative = encode_prompt(s.negative_prompt, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2)
-        if positive.truncated:
-            self.stage("notice", "The prompt is longer than 256 tokens; the rest was cut off.")
-        self.cancel.check()
-
-        # 3. Choose the bucket, resize and crop (a resumed job reads back the crop it saved)
-        if resume_state is None:
-            height, width = find_nearest_bucket(pixels_in.shape[0], pixels_in.shape[1], s.resolution)
-            cropped = resize_and_center_crop(pixels_in, width, height)
-            _save_png(cropped, paths.input_image)
-        else:
-            cropped = pixels_in
-            height, width = cropped.shape[:2]
-
-        # 4. Encode the start image: VAE latent and SigLIP embedding
-        if resume_state is None:
-            self.stage("vae_encode", "Encoding the start image")
-            with self.placement.use(c.vae):
-                start_latent = vae_encode(image_to_tensor(cropped), c.vae).float().cpu()
-        else:
-            start_latent = resume_state.start_latent
-        preview = LatentPreview.fit(start_latent, cropped)
-        self.cancel.check()
-        self.stage("image_encoder", "Encoding the image with SigLIP")
-        with self.placement.use(c.image_encoder):
-            image_embeds = encode_image(cropped, c.feature_extractor, c.image_encoder)
-        self.cancel.check()
-
-        cond = _conditioning(positive, image_embeds, s.distilled_cfg, dtype, device)
-        uncond = _conditioning(negative, image_embeds, s.distilled_cfg, dtype, device)
-
-        # 5. Sample section by section, decode, and write the video so far
-        generator = torch.Generator("cpu").manual_seed(s.seed)
-        history = initial_history(model, start_latent)
-        generated_frames = 1 if model == "f1" else 0
-        plans = plan_sections(model, s.sections)
-        self._writer = writer = SectionVideoWriter(
-            direction="prepend" if model == "framepack" else "append",
-            fps=VIDEO_FPS, crf=s.crf, metadata={"comment": json.dumps(record, sort_keys=True)},
-        )
-        if s.teacache:
-            self._teacache = apply_teacache(transformer, num_steps=s.steps)
-        latent_h, latent_w = height // VAE_SPATIAL, width // VAE_SPATIAL
-        started = time.monotonic()
-        if resume_state is not None:
-            history, generated_frames = self._replay(resume_state, plans, generator, history, writer, paths,
-                                                     (latent_h, latent_w))
-            plans = plans[resume_state.sections_done:]
-
-        for plan in plans:
-            self.cancel.check()
-            section = plan.index + 1
-            layout = layout_for(model, history, s.window, plan)
-            noise = torch.randn((1, LATENT_CHANNELS, s.window, latent_h, latent_w), generator=generator, dtype=torch.float32)
-            self.stage("sampling", f"Sampling section {section} of {s.sections}")
-
-            def on_step(info: dict, section: int = section) -> None:
-                self.emit(StepProgress(
-                    step=info["i"] + 1, steps=s.steps, section=section, sections=s.sections,
-                    frames_so_far=self.frames, preview=preview(info["denoised"]),
-                ))
-                self.cancel.check()
-
-            skip = self._teacache.skips_block if self._teacache is not None else None
-            with self.placement.use(transformer, preserve_bytes=s.gpu_memory_preservation * GIB, skip_block=skip):
-                if self._teacache is not None:
-                    self._teacache.reset(s.steps)
-                generated = sample_section(
-                    transformer, noise.to(device), layout, start_latent, cond, uncond, s, dtype=dtype, callback=on_step
-                ).float().cpu()
-            # the layout's tensors are views into this history: drop them so that the old history is
-            # freed as soon as the new, longer one exists (else two copies live through every decode)
-            del layout
-
-            if model == "framepack" and plan.is_last:
-                generated = torch.cat([start_latent.to(generated), generated], dim=2)
-            generated_frames += generated.shape[2]
-            history = add_to_history(model, history, generated)
-            real = real_history(model, history, generated_frames)
-            _save_latents(paths.latents, {"history_latents": real, "start_latent": start_latent})
-
-            self.stage("vae_decode", f"Decoding section {section} of {s.sections}")
-            to_decode, overlap = latents_to_decode(model, real, s.window, first=plan.index == 0, is_last=plan.is_last)
-            with self.placement.use(c.vae, tiling=True):
-                pixels = vae_decode(to_decode, c.vae).cpu()
-            self.cancel.check()
-
-            self.stage("writing", f"Writing the video after section {section}")
-            previous = self.latest_video
-            next_overlap = 0 if plan.is_last else s.window * 4 - 3
-            self.latest_video = writer.add_section(pixels, overlap, paths.partial(section), next_overlap=next_overlap)
-            self.frames = writer.frames
-            self.sections_done = section
-            if previous is not None and previous != self.latest_video:
-                previous.unlink(missing_ok=True)
-            _write_json(paths.sidecar, {**record, "status": "running", "sections_done": section,
-                                        "elapsed_seconds": round(time.monotonic() - started, 3)})
-            del pixels, to_decode
-            release_host_memory()  # the section's buffers, so that memory stays flat over a long video
-            self.emit(SectionDone(section=section, sections=s.sections, video_path=self.latest_video,
-                                  frames=self.frames, latent_frames=generated_frames))
-
-        # 6. Put the finished files in place
-        _rename_new(self.latest_video, paths.video)
-        self.latest_video = paths.video
-        final_latents = real_history(model, history, generated_frames)
-        latents_path = None
-        if save_latents:
-            latents_path = Path(save_latents)
-            _save_latents(latents_path, {"history_latents": final_latents})
-        _write_json(paths.sidecar, {**record, "status": "finished", "sections_done": s.sections,
-                                    "frames": self.frames, "elapsed_seconds": round(time.monotonic() - started, 3)})
-        return Finished(video_path=paths.video, frames=self.frames, latents_path=latents_path,
-                        input_image_path=paths.input_image)
-
-    def stage(self, name: str, message: str) -> None:
-        self.emit(Stage(name, message))
-
-    def _replay(self, state: ResumeState, plans, generator, history, writer, paths: OutputPaths, latent_hw):
-        """Bring a resumed job to where it stopped: the same random draws, history and video pixels.
-
-        The finished sections' video is rebuilt by decoding their saved latents again (decoding is
-        deterministic and cheap next to sampling), so the video equals that of an uninterrupted run.
-        """
-        s, model, done = self.s, self.c.model, state.sections_done
-        self.stage("resume", f"Resuming after section {done} of {s.sections}")
-        partial = paths.partial(done)
-        self.latest_video = partial if partial.exists() else None
-        for _ in range(done):
-            torch.randn((1, LATENT_CHANNELS, s.window, *latent_hw), generator=generator, dtype=torch.float32)
-        saved = state.history_latents
-        if model == "framepack":
-            history = torch.cat([saved, history], dim=2)
-        else:
-            history = torch.cat([history[:, :, :-1], saved], dim=2)
-        for plan in plans[:done]:
-            count = (plan.index + 1) * s.window
-            real = saved[:, :, -count:] if model == "framepack" else saved[:, :, : 1 + count]
-            to_decode, overlap = latents_to_decode(model, real, s.window, first=plan.index == 0, is_last=False)
-            with self.placement.use(self.c.vae, tiling=True):
-                pixels = vae_decode(to_decode, self.c.vae).cpu()
-            self.cancel.check()
-            # the writer always produces a playable file; these rebuilt ones are not needed
-            scratch = paths.video.with_name(f".{paths.stem.name}.replay{plan.index + 1:03d}.mp4")
-            try:
-                writer.add_section(pixels, overlap, scratch, next_overlap=s.window * 4 - 3)
-            finally:
-                scratch.unlink(missing_ok=True)
-        self.frames = writer.frames
-        return history, saved.shape[2]
 
 
 def sample_section(transformer, noise, layout, start_latent, cond, uncond, settings: GenerationSettings, *,
@@ -534,9 +604,10 @@ def flow_x0(transformer, x, sigma, cond: dict, uncond: dict, *, cfg: float, resc
 
 def rescale_guidance(v_cfg: torch.Tensor, v_pos: torch.Tensor, rescale: float) -> torch.Tensor:
     """Guidance rescale (Lin et al., 2023): pull the CFG output's std back toward the conditional one's."""
-    dims = list(range(1, v_pos.ndim))
-    ratio = v_pos.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True)
-    return rescale * (v_cfg * ratio) + (1.0 - rescale) * v_cfg
+    # diffusers' helper computes exactly this (same operations, same bits; tests/test_pipeline.py checks)
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    return rescale_noise_cfg(v_cfg, v_pos, guidance_rescale=rescale)
 
 
 def _compute_dtype(transformer) -> torch.dtype:
@@ -582,36 +653,7 @@ class LatentPreview:
         return np.clip(strip, 0, 255).astype(np.uint8)
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
-    with _replacing(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-
-
-def _save_latents(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with _replacing(path) as tmp:
+def save_latents_file(path: Path, tensors: dict[str, torch.Tensor], *, replace: bool) -> None:
+    """Write latents as float32 safetensors in one step (`replace`: the job's own file, rewritten per section)."""
+    with atomic_write(path, replace=replace) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with _replacing(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A hidden temporary name beside `path`, renamed over it on success and removed on any error."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        # a full disk leaves a short temporary file; never leave it behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _rename_new(src: Path, dst: Path) -> None:
-    """Move src to dst, refusing to replace an existing file."""
-    if dst.exists():
-        raise ValueError(f"{dst} appeared while the job ran; the video was kept as {src}.")
-    os.replace(src, dst)

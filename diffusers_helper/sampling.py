@@ -19,9 +19,11 @@ SHIFT_MU_CAP = math.log(7.0)
 
 def flow_shift_mu(tokens: int) -> float:
     """Shift μ as a line through (256, 0.5) and (4096, 1.15) in the token count, capped at ln 7."""
-    slope = (SHIFT_MAX_MU - SHIFT_BASE_MU) / (SHIFT_MAX_TOKENS - SHIFT_BASE_TOKENS)
-    intercept = SHIFT_BASE_MU - slope * SHIFT_BASE_TOKENS
-    return min(slope * tokens + intercept, SHIFT_MU_CAP)
+    # diffusers' flux helper computes this line with the same operations, so the same bits
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    line = calculate_shift(tokens, SHIFT_BASE_TOKENS, SHIFT_MAX_TOKENS, SHIFT_BASE_MU, SHIFT_MAX_MU)
+    return min(line, SHIFT_MU_CAP)
 
 
 def get_sigmas_flow_shift(steps: int, mu: float) -> torch.Tensor:

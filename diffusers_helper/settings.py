@@ -11,6 +11,8 @@ MODEL_VARIANTS = ("framepack", "f1")
 SAMPLER_VARIANTS = ("bh1", "bh2")
 # --attention: the transformer's attention kernel (see attention.py)
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage", "xformers")
+# --vram: how models are kept on the accelerator (see memory.py)
+VRAM_CHOICES = ("auto", "high", "low")
 
 # Official sources. Each may be replaced by a local folder with the same layout.
 DEFAULT_HUNYUAN = "hunyuanvideo-community/HunyuanVideo"
@@ -37,40 +39,43 @@ class Range:
     step: float | None = None
 
 
-# The reference UI's ranges. The UI builds its sliders from this table, the CLI its checks.
-RANGES: dict[str, Range] = {
-    "seed": Range(0, 2**63 - 1, integer=True),
-    "seconds": Range(1, 120, step=0.1),
-    "window": Range(1, 33, integer=True),
-    "steps": Range(1, 100, integer=True),
-    "distilled_cfg": Range(1.0, 32.0, step=0.01),
-    "cfg": Range(1.0, 32.0, step=0.01),
-    "cfg_rescale": Range(0.0, 1.0, step=0.01),
-    "crf": Range(0, 100, integer=True),
-    "resolution": Range(64, 1280, integer=True, step=16),
-    "gpu_memory_preservation": Range(0.0, 128.0, step=0.1),
-}
+def setting(default: Any, help: str, *, range: Range | None = None, choices: tuple[str, ...] | None = None,
+            negative_help: str | None = None) -> Any:
+    """A GenerationSettings field with what the front ends need to offer it: help, range, choices.
+
+    The command line's flags and the page's sliders are built from these, so a new setting is one
+    field here. `negative_help` is the help of a yes/no setting's `--no-...` flag.
+    """
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices,
+                                            "negative_help": negative_help})
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """One validated description of a generation job; the UI, the CLI and the API all build it."""
+    """One validated description of a generation job; the UI, the CLI and the API all build it.
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    model: str = "framepack"
-    seed: int = 31337
-    seconds: float = 5.0
-    window: int = 9
-    steps: int = 25
-    distilled_cfg: float = 10.0
-    cfg: float = 1.0
-    cfg_rescale: float = 0.0
-    teacache: bool = True
-    crf: int = 16
-    resolution: int = 640
-    sampler: str = "bh1"
-    gpu_memory_preservation: float = 6.0
+    The defaults and ranges are the reference UI's.
+    """
+
+    prompt: str = setting("", "what should happen in the video")
+    negative_prompt: str = setting("", "what the video should avoid; used only when --cfg is above 1")
+    model: str = setting("framepack", "framepack: generates the end of the video first (anti-drifting); "
+                                      "f1: generates forward", choices=MODEL_VARIANTS)
+    seed: int = setting(31337, "random seed: the same seed and settings give the same video",
+                        range=Range(0, 2**63 - 1, integer=True))
+    seconds: float = setting(5.0, "video length in seconds", range=Range(1, 120, step=0.1))
+    window: int = setting(9, "latent window size", range=Range(1, 33, integer=True))
+    steps: int = setting(25, "sampling steps per section", range=Range(1, 100, integer=True))
+    distilled_cfg: float = setting(10.0, "distilled CFG scale", range=Range(1.0, 32.0, step=0.01))
+    cfg: float = setting(1.0, "real CFG scale; above 1 doubles the cost", range=Range(1.0, 32.0, step=0.01))
+    cfg_rescale: float = setting(0.0, "guidance rescale", range=Range(0.0, 1.0, step=0.01))
+    teacache: bool = setting(True, "skip steps with TeaCache (default)", negative_help="compute every step")
+    crf: int = setting(16, "MP4 compression, lower is better quality", range=Range(0, 100, integer=True))
+    resolution: int = setting(640, "bucket resolution", range=Range(64, 1280, integer=True, step=16))
+    sampler: str = setting("bh1", "UniPC variant", choices=SAMPLER_VARIANTS)
+    gpu_memory_preservation: float = setting(
+        6.0, "GPU memory in GB kept free for the computation when models are streamed (low VRAM mode); "
+             "raise it after an out-of-memory error", range=Range(0.0, 128.0, step=0.1))
 
     def __post_init__(self) -> None:
         for name, rng in RANGES.items():
@@ -120,6 +125,12 @@ class GenerationSettings:
     def replace(self, **changes: Any) -> "GenerationSettings":
         """A copy with some settings changed, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+# The numeric settings' ranges, from the fields above. The page builds its sliders from this table,
+# the command line its help.
+RANGES: dict[str, Range] = {f.name: f.metadata["range"] for f in dataclasses.fields(GenerationSettings)
+                            if f.metadata.get("range") is not None}
 
 
 def _check_number(name: str, value: Any, rng: Range) -> int | float:

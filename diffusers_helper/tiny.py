@@ -16,10 +16,10 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .outputs import atomic_write
 from .settings import ModelSources
 
 # Bump when the tiny models change shape, so stale caches are not reused.
@@ -141,7 +141,10 @@ def write_tiny_models(root: Path, seed: int = 0) -> ModelSources:
     ]
     with _quiet_progress_bars():
         for target, write in writers:
-            _write_atomically(target, write)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # each folder appears whole or not at all
+            with atomic_write(target, directory=True) as staging:
+                write(staging)
     return sources_at(root)
 
 
@@ -183,16 +186,6 @@ def tiny_sources(cache_dir: Path | None = None) -> ModelSources:
     return sources_at(cache_dir)
 
 
-def main_tiny_models(directory: str | os.PathLike, seed: int = 0) -> ModelSources:
-    """CLI entry: write the tiny models into `directory` and print the flags that use them."""
-    sources = write_tiny_models(Path(directory), seed=seed)
-    print(
-        f"--hunyuan {sources.hunyuan} --siglip {sources.siglip} "
-        f"--transformer {sources.transformer('framepack')}  (F1: {sources.transformer('f1')})"
-    )
-    return sources
-
-
 def prompt_template_prefix() -> str:
     """The part of diffusers' HunyuanVideo prompt template before the user's prompt."""
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
@@ -207,18 +200,6 @@ def prompt_template_prefix() -> str:
 def _derive_seed(seed: int, name: str) -> int:
     # A stable per-component seed (Python's hash() is salted per process, so not that).
     return (int(seed) * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(name))) % (2**63)
-
-
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
-        write(staging)
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -10,7 +10,8 @@ stamps rewritten), so the cost of a section does not depend on how long the vide
 Every MP4 written here is H.264 (libx264), yuv420p, BT.709 limited range (tagged, so browsers
 convert back to RGB with the matrix that was used), with the ``moov`` atom at the front so that a
 browser can start playing it before it has fully loaded. Files are written under a temporary name
-in the target folder and linked into place; an existing file is never overwritten.
+in the target folder and linked into place (`outputs.atomic_write`); an existing file is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import contextlib
 import dataclasses
 import errno
 import os
-import secrets
 import shutil
 import tempfile
 import weakref
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import av
 import numpy as np
 import torch
 from av.video.reformatter import ColorRange, Colorspace
+
+from .outputs import atomic_write
 
 __all__ = [
     "SectionVideoWriter",
@@ -166,59 +168,10 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Files: temporary names, publishing without overwriting
-# --------------------------------------------------------------------------------------------
-
-
-def _temp_path_beside(path: Path) -> Path:
-    """Create (exclusively) an empty hidden file in ``path``'s folder and return its name."""
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
-        try:
-            # Plain open (not mkstemp) so the final file gets the usual umask-derived permissions.
-            with open(tmp, "xb"):
-                return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not find a free temporary name next to {path}")
-
-
 def _unlink_quietly(path: Path | None) -> None:
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Move a finished temporary file to ``path``, atomically, never replacing an existing file."""
-    try:
-        os.link(tmp, path)  # fails with FileExistsError instead of replacing
-    except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", str(path)) from None
-    except OSError:
-        # Filesystems without hard links: a rename, guarded by an existence check. On Windows the
-        # rename itself refuses to replace; on POSIX the window between check and rename is tiny.
-        if path.exists():
-            raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", str(path)) from None
-        os.rename(tmp, path)
-        return
-    _unlink_quietly(tmp)
-
-
-@contextlib.contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success publish it there, on any error remove it."""
-    if path.exists():
-        raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", str(path))
-    tmp = _temp_path_beside(path)
-    try:
-        yield tmp
-        if tmp.stat().st_size == 0:
-            raise RuntimeError(f"nothing was written for {path}")
-        _publish(tmp, path)
-    finally:
-        _unlink_quietly(tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +304,7 @@ def write_mp4(
     metadata = _check_metadata(metadata)
     if frames.ndim == 4:
         _check_even(*frames.shape[1:3])
-    with _atomic_output(path) as tmp:
+    with atomic_write(path) as tmp:
         _encode_frames(np.ascontiguousarray(frames), tmp, fps=fps, crf=crf, metadata=metadata, final=True)
     return path
 
@@ -405,6 +358,7 @@ class SectionVideoWriter:
         crf: int = DEFAULT_CRF,
         metadata: Mapping[str, str] | None = None,
         work_dir: str | os.PathLike[str] | None = None,
+        work_prefix: str | None = None,
     ) -> None:
         if direction not in _DIRECTIONS:
             raise ValueError(f"direction must be 'append' (f1) or 'prepend' (framepack), got {direction!r}")
@@ -415,6 +369,7 @@ class SectionVideoWriter:
         self.frames = 0
         self.frames_encoded = 0
         self._work_parent = Path(work_dir) if work_dir is not None else None
+        self._work_prefix = work_prefix
         self._work: Path | None = None
         self._cleanup: weakref.finalize | None = None
         self._closed = False
@@ -509,7 +464,7 @@ class SectionVideoWriter:
         work = self._ensure_work_dir(path)
         new_segment = edge_segment = None
         try:
-            with _atomic_output(path) as tmp:
+            with atomic_write(path) as tmp:
                 if finished.shape[2] > 0:
                     new_segment = self._encode_segment(finished, work, "seg")
                 if changeable.shape[2] > 0:
@@ -561,8 +516,10 @@ class SectionVideoWriter:
         if self._work is None:
             parent = self._work_parent if self._work_parent is not None else path.parent
             # A private folder even inside a given work_dir, so close() removes only our files. Named
-            # after the first output, so that what a killed process left can be told apart and removed.
-            self._work = Path(tempfile.mkdtemp(prefix=f".{path.name}.segments-", dir=parent))
+            # after the job (or the first output), so that what a killed process left can be told
+            # apart and removed (outputs.remove_stale_files).
+            prefix = self._work_prefix or f".{path.name}.segments-"
+            self._work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._work, True)
         return self._work
 

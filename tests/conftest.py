@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random-weight models in the official layouts, built once per session."""
+"""Shared fixtures: tiny random-weight models in the official layouts (built once per session), a small
+job's settings and a start image, the CLI's one-line errors, and the browser check.
+
+The helpers for tests that drive the running app over HTTP or in a browser are in appkit.py."""
 
 from __future__ import annotations
 
@@ -6,10 +9,27 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 
-from diffusers_helper.settings import ModelSources
+from diffusers_helper.settings import GenerationSettings, ModelSources
+
+# Small but complete: 3 sections of window 3 at the 64-px buckets, 3 steps each.
+FAST = dict(prompt="a cat walks on the grass", seconds=1.2, window=3, steps=3, resolution=64, seed=7)
+
+
+@pytest.fixture(scope="session")
+def fast() -> GenerationSettings:
+    """Settings of a small but complete job (FAST): vary them with `fast.replace(model="f1", ...)`."""
+    return GenerationSettings(**FAST)
+
+
+@pytest.fixture(scope="session")
+def image() -> np.ndarray:
+    """A 120×90 RGB start image of smooth gradients (fits the 64-px buckets with a crop)."""
+    y, x = np.mgrid[0:90, 0:120]
+    return np.stack([x * 2, y * 2, (x + y)], axis=-1).clip(0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

@@ -72,6 +72,7 @@ def sidecar_for(outputs: Path, video: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_job_returns_a_playable_mp4_with_the_expected_frame_count(app, start_image):
     url, outputs = app
     settings = SMALL.replace(prompt="a small boat drifts on the lake", seed=11)
@@ -96,6 +97,7 @@ def test_a_job_returns_a_playable_mp4_with_the_expected_frame_count(app, start_i
     assert sum(1 for o in outputs_seen[:-1] if is_video(o[0])) >= 1, "no partial video"
 
 
+@pytest.mark.slow
 def test_end_stops_the_job_and_keeps_its_partial_video(app, start_image):
     url, outputs = app
     settings = SMALL.replace(prompt="stop me", seconds=4, steps=3)  # 15 sections: plenty of time to press End
@@ -123,6 +125,7 @@ def test_end_stops_the_job_and_keeps_its_partial_video(app, start_image):
     assert len(read_frames(final_video(again.result(timeout=JOB_TIMEOUT)))) == SMALL.total_frames
 
 
+@pytest.mark.slow
 def test_two_pages_at_once_both_finish_with_their_own_results(app, start_image):
     url, outputs = app
     a, b = client(url), client(url)
@@ -148,6 +151,7 @@ def test_two_pages_at_once_both_finish_with_their_own_results(app, start_image):
     assert SMALL.sections != SMALL.replace(window=3).sections
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_clear_messages_and_the_app_keeps_working(app, start_image, tmp_path):
     url, _ = app
     c = client(url)
@@ -167,6 +171,7 @@ def test_user_mistakes_are_clear_messages_and_the_app_keeps_working(app, start_i
     assert len(read_frames(final_video(result))) == SMALL.total_frames
 
 
+@pytest.mark.slow
 def test_past_outputs_play_and_load_their_settings_back(app, start_image):
     url, outputs = app
     c = client(url)
@@ -191,14 +196,15 @@ def test_past_outputs_play_and_load_their_settings_back(app, start_image):
 
 
 def test_the_app_module_keeps_no_mutable_state_and_writes_nothing_on_import():
-    import diffusers_helper.app as app_module
-
-    assert not Path(app_module.__file__).with_suffix(".pyi").exists()  # Gradio writes stubs for subclasses
+    import diffusers_helper.app as app_package
     import diffusers_helper.settings as settings_module
+    from diffusers_helper.app import server, ui, views
 
-    own = {name: value for name, value in vars(app_module).items()
-           if not name.startswith("__") and value is not getattr(settings_module, name, None)}  # not imported tables
-    assert [name for name, value in own.items() if isinstance(value, (list, dict, set))] == []
+    for app_module in (app_package, server, ui, views):
+        assert not Path(app_module.__file__).with_suffix(".pyi").exists()  # Gradio writes stubs for subclasses
+        own = {name: value for name, value in vars(app_module).items()
+               if not name.startswith("__") and value is not getattr(settings_module, name, None)}  # not imported tables
+        assert [name for name, value in own.items() if isinstance(value, (list, dict, set))] == [], app_module
 
 
 def test_flags_and_their_defaults(tmp_path):
@@ -223,6 +229,7 @@ def test_flags_and_their_defaults(tmp_path):
         build_parser().parse_args(["--vram", "medium"])
 
 
+@pytest.mark.slow
 def test_demo_gradio_opens_the_page_in_seconds_without_loading_models(tmp_path):
     """`python demo_gradio.py --tiny` serves the page before any model exists (they load on first use)."""
     port = free_port()

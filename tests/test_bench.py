@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_helper.bench import FULL, bf16_peak, transformer_flops
+from diffusers_helper.bench.section import bf16_peak, transformer_flops
+from diffusers_helper.bench.weights import FULL
+
+# the app, a fresh process or a browser per test: run with the full suite, not the quick one
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

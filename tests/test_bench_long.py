@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from diffusers_helper.__main__ import main
-from diffusers_helper.bench_long import bench_image, parse_lengths, summarize
+from diffusers_helper.bench.long_video import bench_image, parse_lengths, summarize
 from diffusers_helper.conditioning import find_nearest_bucket
 from diffusers_helper.settings import GenerationSettings
+
+# the app, a fresh process or a browser per test: run with the full suite, not the quick one
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,6 +24,9 @@ from appkit import chromium_page, free_port, wait_for_final_video
 from diffusers_helper.app import CSS, AppConfig, build_app, theme
 from diffusers_helper.settings import GenerationSettings
 
+# the app, a fresh process or a browser per test: run with the full suite, not the quick one
+pytestmark = pytest.mark.slow
+
 PROMPT = "The sun sets slowly over the lake while mist drifts across the water."
 SETTINGS = GenerationSettings(seconds=2, window=3, steps=3, resolution=128, seed=42)
 TIMEOUT_MS = 180_000

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -21,6 +22,9 @@ from appkit import chromium_page, running_app, wait_for_final_video
 from diffusers_helper.events import CancelToken, Finished, SectionDone
 from diffusers_helper.pipeline import generate
 from diffusers_helper.settings import GenerationSettings
+
+# the app, a fresh process or a browser per test: run with the full suite, not the quick one
+pytestmark = pytest.mark.slow
 
 SETTINGS = GenerationSettings(prompt="the tide comes in", seconds=1.2, window=3, steps=1, resolution=64, seed=8,
                               teacache=False)

@@ -90,6 +90,7 @@ def test_tiny_models_command_writes_the_layout_and_refuses_to_overwrite(tmp_path
     assert main(["tiny-models", str(target)]) == 2
 
 
+@pytest.mark.slow
 def test_module_entry_point_reports_usage_errors_on_one_line():
     result = subprocess.run([sys.executable, "-m", "diffusers_helper", "generate", "--image", "x.png"],
                             capture_output=True, text=True, timeout=120)
@@ -109,3 +110,45 @@ def test_tiny_flag_builds_the_cache_once_and_runs(picture, tmp_path, monkeypatch
     assert main(argv + ["--output", str(tmp_path / "b.mp4")]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamp
     assert read_frames(tmp_path / "b.mp4").shape[0] == GenerationSettings(seconds=1, window=3).total_frames
+
+
+def test_every_setting_is_a_generate_flag_with_its_range():
+    """The flags are built from GenerationSettings: each field is one, its help shows the range."""
+    import dataclasses
+
+    from diffusers_helper.options import OneLineParser, add_settings_arguments, setting_flag, settings_from_args
+    from diffusers_helper.settings import RANGES
+
+    parser = OneLineParser()
+    add_settings_arguments(parser)
+    flags = {flag: action for action in parser._actions for flag in action.option_strings}
+    for field in dataclasses.fields(GenerationSettings):
+        assert setting_flag(field.name) in flags, field.name
+        if field.name in RANGES and RANGES[field.name].high < 2**32:
+            assert f"{RANGES[field.name].high:g})" in flags[setting_flag(field.name)].help
+    # nothing given: the settings' own defaults; given: validated by the settings
+    assert settings_from_args(parser.parse_args([])) == GenerationSettings()
+    args = parser.parse_args(["--gpu-memory-preservation", "8.5", "--no-teacache", "--model", "f1"])
+    assert settings_from_args(args) == GenerationSettings(gpu_memory_preservation=8.5, teacache=False, model="f1")
+
+
+def test_gpu_memory_preservation_and_numbered_cuda_devices_reach_the_checks(tiny_sources, picture, tmp_path, cli_error):
+    base = ["generate", "--image", str(picture), "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
+            *_source_flags(tiny_sources)]
+    assert "gpu_memory_preservation" in cli_error(base + ["--gpu-memory-preservation", "-1"])
+    import torch
+
+    if not torch.cuda.is_available():
+        # accepted by the parser like in the app; refused by the device check, which says why
+        assert "cuda:1" in cli_error(base + ["--device", "cuda:1"])
+
+
+def test_a_failed_job_is_reported_with_the_command_lines_own_advice(capsys):
+    from diffusers_helper.__main__ import follow
+    from diffusers_helper.events import Advice, CancelToken, Failed
+
+    failed = Failed("Out of memory; finished sections were kept.",
+                    advice=(Advice.CLOSE_GPU_PROGRAMS, Advice.PRESERVE_MORE_MEMORY, Advice.SMALLER_JOB))
+    assert follow(iter([failed]), GenerationSettings(), CancelToken()) == 1
+    err = capsys.readouterr().err
+    assert "Out of memory" in err and "--gpu-memory-preservation" in err and "Preserved Memory" not in err

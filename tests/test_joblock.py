@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusers_helper import joblock
+from diffusers_helper import outputs
 from diffusers_helper.events import Finished, SectionDone
-from diffusers_helper.jobs import list_outputs, remove_stale_files
+from diffusers_helper.outputs import OutputPaths, list_outputs, remove_stale_files
 from diffusers_helper.pipeline import generate, load_resume_state
 from diffusers_helper.settings import GenerationSettings
 
@@ -29,23 +29,23 @@ SETTINGS = GenerationSettings(prompt="rain", seconds=1.2, window=3, steps=1, res
 
 def test_a_held_job_is_running_until_released_and_leaves_no_lock_file(tmp_path):
     video = tmp_path / "job.mp4"
-    assert not joblock.is_running(video)
-    with joblock.hold(video):
-        assert joblock.is_running(video)  # a probe from the same process sees it too
-        with pytest.raises(joblock.JobBusy, match="being generated right now"):
-            with joblock.hold(video):
+    assert not outputs.is_running(video)
+    with outputs.hold(video):
+        assert outputs.is_running(video)  # a probe from the same process sees it too
+        with pytest.raises(outputs.JobBusy, match="being generated right now"):
+            with outputs.hold(video):
                 pass
-        assert joblock.is_running(video)  # the refused second holder did not release the first
-    assert not joblock.is_running(video)
-    assert not joblock.lock_path(video).exists()
+        assert outputs.is_running(video)  # the refused second holder did not release the first
+    assert not outputs.is_running(video)
+    assert not OutputPaths(video).lock.exists()
 
 
 def _holder(video) -> subprocess.Popen:
     """Another process that holds the job's lock until killed; returns once it holds it."""
     code = textwrap.dedent(f"""
         import sys, time
-        from diffusers_helper import joblock
-        with joblock.hold({str(video)!r}):
+        from diffusers_helper import outputs
+        with outputs.hold({str(video)!r}):
             print("held", flush=True)
             time.sleep(600)
     """)
@@ -71,23 +71,24 @@ def _interrupted_job(folder, stem="2025-03-04_05-06-07-890") -> tuple:
     return folder / f"{stem}.mp4", temporary
 
 
+@pytest.mark.slow
 def test_a_job_running_in_another_process_is_left_alone_until_that_process_dies(tmp_path, cli_error):
     video, temporary = _interrupted_job(tmp_path / "outputs")
     child = _holder(video)
     try:
         [item] = list_outputs(video.parent)
         assert item.running and not item.resumable and "[running]" in item.label
-        with pytest.raises(joblock.JobBusy):
+        with pytest.raises(outputs.JobBusy):
             remove_stale_files(video)
         assert temporary.exists()  # the other process's file being written is untouched
-        with pytest.raises(joblock.JobBusy):
+        with pytest.raises(outputs.JobBusy):
             load_resume_state(video)
         assert "being generated right now" in cli_error(["resume", str(video), "--tiny", "--device", "cpu"])
     finally:
         child.send_signal(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
         child.wait(timeout=30)
     # killed: the operating system dropped the lock, and the job can be resumed and cleaned up now
-    assert not joblock.is_running(video)
+    assert not outputs.is_running(video)
     [item] = list_outputs(video.parent)
     assert item.resumable and not item.running and "interrupted" in item.label
     assert temporary in remove_stale_files(video)
@@ -102,10 +103,10 @@ def test_a_generating_job_holds_its_lock_until_it_has_ended(tiny_components, tmp
     events = generate(tiny_components("framepack"), SETTINGS, image, video)
     for event in events:
         if isinstance(event, SectionDone):
-            seen.append(joblock.is_running(video))
+            seen.append(outputs.is_running(video))
             [item] = list_outputs(video.parent)
             seen.append(item.resumable)
     assert isinstance(event, Finished)
     assert seen == [True, False] * SETTINGS.sections
-    assert not joblock.is_running(video)
-    assert not joblock.lock_path(video).exists()
+    assert not outputs.is_running(video)
+    assert not OutputPaths(video).lock.exists()

@@ -1,4 +1,4 @@
-"""Tests for the job queue, the model cache, output names and the past-outputs listing (diffusers_helper.jobs).
+"""Tests for the job queue (diffusers_helper.jobs), the runtime's model cache, output names and the past-outputs listing.
 
 Most tests drive the queue with small fake runners so that ordering, positions and cancellation
 are exact; one runs a real job with the tiny models through FramePackRunner.
@@ -17,18 +17,10 @@ import pytest
 import torch
 
 from diffusers_helper.events import Cancelled, Failed, Finished, SectionDone, Stage, StepProgress
-from diffusers_helper.jobs import (
-    BusyError,
-    FramePackRunner,
-    JobQueue,
-    JobRequest,
-    ModelCache,
-    OutputNamer,
-    Queued,
-    list_outputs,
-    read_output,
-)
+from diffusers_helper.jobs import BusyError, FramePackRunner, JobQueue, JobRequest, Queued
 from diffusers_helper.memory import VramMode, choose_vram_mode
+from diffusers_helper.outputs import OutputNamer, list_outputs, read_output
+from diffusers_helper.runtime import Runtime
 from diffusers_helper.settings import GenerationSettings
 
 TIMEOUT = 20.0
@@ -261,7 +253,7 @@ def test_past_outputs_are_listed_newest_first_with_their_settings(tmp_path):
 # Models
 
 
-def test_model_cache_loads_shared_parts_once_and_swaps_only_the_transformer(tiny_sources):
+def test_runtime_loads_shared_parts_once_and_swaps_only_the_transformer(tiny_sources):
     loads = []
 
     def load_shared(sources, device):
@@ -279,8 +271,8 @@ def test_model_cache_loads_shared_parts_once_and_swaps_only_the_transformer(tiny
         return Transformer()
 
     messages = []
-    cache = ModelCache(lambda: tiny_sources, "cpu", load_shared=load_shared, load_transformer=load_transformer,
-                       attention="sdpa")
+    cache = Runtime(lambda: tiny_sources, device="cpu", load_shared=load_shared, load_transformer=load_transformer,
+                    attention="sdpa")
     assert loads == [] and cache.loaded_model is None  # nothing loads before the first job
     first = cache.components("framepack", notify=messages.append)
     again = cache.components("framepack")
@@ -304,7 +296,7 @@ def test_vram_mode_follows_the_flag():
 def test_a_real_tiny_job_streams_loading_progress_and_writes_its_video(tiny_sources, tmp_path):
     from diffusers_helper.video import read_frames
 
-    runner = FramePackRunner(ModelCache(tiny_sources, "cpu"), tmp_path / "out")
+    runner = FramePackRunner(Runtime(tiny_sources, device="cpu"), tmp_path / "out")
     queue = JobQueue(runner)
     try:
         settings = GenerationSettings(prompt="a red ball bounces", seconds=1, window=3, steps=2, resolution=64, seed=3)

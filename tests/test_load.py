@@ -28,6 +28,9 @@ from diffusers_helper.video import read_frames
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is needed to drive the app")
 from gradio_client import Client, handle_file  # noqa: E402
 
+# the app, a fresh process or a browser per test: run with the full suite, not the quick one
+pytestmark = pytest.mark.slow
+
 CLIENTS = 4
 ROUNDS = 5  # jobs per client
 RSS_GROWTH_LIMIT = 200 * 1024 * 1024

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_helper.events import Finished
+from diffusers_helper.events import Advice, Finished
+from diffusers_helper.options import describe_failure
 from diffusers_helper.memory import (
     GIB,
     InsufficientMemory,
@@ -32,14 +32,6 @@ from diffusers_helper.offload import module_tensors, streamable_blocks, tensors_
 from diffusers_helper.packing import HISTORY_FRAMES
 from diffusers_helper.pipeline import LATENT_CHANNELS, generate
 from diffusers_helper.settings import GenerationSettings
-
-FAST = dict(prompt="a cat walks on the grass", seconds=1.2, window=3, steps=3, resolution=64, seed=7)
-
-
-@pytest.fixture(scope="module")
-def image():
-    y, x = np.mgrid[0:90, 0:120]
-    return np.stack([x * 2, y * 2, (x + y)], axis=-1).clip(0, 255).astype(np.uint8)
 
 
 def run(components, settings, image, output, **kw):
@@ -65,7 +57,7 @@ def _tight_budget(components) -> int:
 # Stages
 
 
-def test_each_stage_holds_only_its_models(tiny_components, image, tmp_path):
+def test_each_stage_holds_only_its_models(tiny_components, image, tmp_path, fast):
     c = tiny_components("framepack")
     names = _names(c)
     events: list[PlacementEvent] = []
@@ -84,7 +76,7 @@ def test_each_stage_holds_only_its_models(tiny_components, image, tmp_path):
     before = {id(t): t.data_ptr() for m in (c.transformer, c.text_encoder, c.vae) for t in module_tensors(m)}
     handles = [watch(label, module) for label, module in watched]
     try:
-        last = run(c, GenerationSettings(model="framepack", **FAST, teacache=False), image, tmp_path / "v.mp4",
+        last = run(c, fast.replace(model="framepack", teacache=False), image, tmp_path / "v.mp4",
                    placement=placement)
     finally:
         for h in handles:
@@ -117,7 +109,7 @@ def test_each_stage_holds_only_its_models(tiny_components, image, tmp_path):
 
 
 @pytest.mark.parametrize("teacache", [False, True])
-def test_streamed_job_gives_the_same_latents(tiny_components, image, tmp_path, monkeypatch, teacache):
+def test_streamed_job_gives_the_same_latents(tiny_components, image, tmp_path, monkeypatch, teacache, fast):
     import diffusers_helper.teacache as teacache_module
 
     if teacache:
@@ -125,7 +117,7 @@ def test_streamed_job_gives_the_same_latents(tiny_components, image, tmp_path, m
         original = teacache_module.apply_teacache
         monkeypatch.setattr(teacache_module, "apply_teacache", lambda t, num_steps: original(t, num_steps, threshold=1e9))
     c = tiny_components("f1")
-    settings = GenerationSettings(model="f1", **{**FAST, "steps": 6}, teacache=teacache)
+    settings = fast.replace(model="f1", steps=6, teacache=teacache)
     resident = Placement(c.device, VramMode.HIGH)
     assert isinstance(run(c, settings, image, tmp_path / "a.mp4", placement=resident,
                           save_latents=tmp_path / "a.st"), Finished)
@@ -228,7 +220,10 @@ def test_too_little_vram_for_any_mode_says_what_to_change():
                    available_ram_bytes=8 * GIB)
     message = str(err.value)
     assert "4.3 GB" in message and "3.2 GB is free" in message and "sampling" in message
-    assert "resolution" in message and "latent window" in message and "--device cpu" in message
+    # what to change: a smaller job, or the CPU; each front end words it (the CLI names its flags)
+    assert err.value.advice == (Advice.SMALLER_JOB, Advice.CLOSE_GPU_PROGRAMS, Advice.USE_CPU)
+    said = describe_failure(message, err.value.advice)
+    assert "resolution" in said and "latent window" in said and "--device cpu" in said
     # high mode on the same GPU gets the same answer: even streaming would not fit
     with pytest.raises(InsufficientMemory, match="even with the models streamed"):
         check_fits(NEEDS, mode=VramMode.HIGH, device_type="cuda", free_device_bytes=3 * GIB,
@@ -236,9 +231,11 @@ def test_too_little_vram_for_any_mode_says_what_to_change():
 
 
 def test_high_mode_on_a_small_gpu_points_to_low_mode():
-    with pytest.raises(InsufficientMemory, match="--vram low"):
+    with pytest.raises(InsufficientMemory) as err:
         check_fits(NEEDS, mode=VramMode.HIGH, device_type="cuda", free_device_bytes=20 * GIB,
                    available_ram_bytes=8 * GIB)
+    assert err.value.advice == (Advice.LOW_VRAM_MODE,)
+    assert "--vram low" in describe_failure(str(err.value), err.value.advice)
 
 
 def test_too_little_ram_says_what_to_change():
@@ -260,7 +257,7 @@ def full_size_components():
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
-    from diffusers_helper.bench import FULL
+    from diffusers_helper.bench.weights import FULL
 
     with torch.device("meta"):
         transformer = HunyuanVideoFramepackTransformer3DModel(**FULL["transformer"]).to(torch.bfloat16)
@@ -285,13 +282,15 @@ def test_full_size_needs_fit_a_6gb_gpu_in_low_mode_only(full_size_components):
     assert needs.ram_bytes < 4 * GIB
     laptop = dict(device_type="cuda", free_device_bytes=int(5.5 * GIB), available_ram_bytes=20 * GIB)
     check_fits(needs, mode=VramMode.LOW, **laptop)
-    with pytest.raises(InsufficientMemory, match="--vram low"):
+    with pytest.raises(InsufficientMemory) as err:
         check_fits(needs, mode=VramMode.HIGH, **laptop)
-    with pytest.raises(InsufficientMemory, match="Lower the resolution"):
+    assert Advice.LOW_VRAM_MODE in err.value.advice
+    with pytest.raises(InsufficientMemory) as err:
         check_fits(needs, mode=VramMode.LOW, **{**laptop, "free_device_bytes": 2 * GIB})
+    assert "Lower the resolution" in describe_failure(str(err.value), err.value.advice)
 
 
-def test_job_fails_before_work_when_the_check_fails(tiny_components, image, tmp_path):
+def test_job_fails_before_work_when_the_check_fails(tiny_components, image, tmp_path, fast):
     c = tiny_components("framepack")
     placement = Placement(c.device, VramMode.LOW, available=lambda: 1)
     original = Placement.check
@@ -302,7 +301,7 @@ def test_job_fails_before_work_when_the_check_fails(tiny_components, image, tmp_
         return needs
 
     placement.check = strict.__get__(placement)
-    last = run(c, GenerationSettings(model="framepack", **FAST), image, tmp_path / "v.mp4", placement=placement)
+    last = run(c, fast.replace(model="framepack"), image, tmp_path / "v.mp4", placement=placement)
     assert type(last).__name__ == "Failed" and "Not enough GPU memory" in last.message
     assert not any(tmp_path.iterdir())  # nothing was written
 
@@ -345,6 +344,7 @@ def _anonymous_bytes() -> int:
     return int(re.search(r"^Anonymous:\s+(\d+) kB", text, re.M).group(1)) * 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc/self/smaps_rollup")
 def test_loading_in_the_file_dtype_keeps_weights_memory_mapped(tmp_path):
     """A 16-bit checkpoint loaded in its own dtype costs (almost) no private memory, and neither does streaming it."""
@@ -397,6 +397,7 @@ print(json.dumps(dict(size=size, loaded=loaded, touched=touched, ring=ring, afte
     assert r["after"] < 0.15 * r["size"] + r["ring"], r
 
 
+@pytest.mark.slow
 def test_importing_touches_no_cuda():
     code = """
 import torch
@@ -436,6 +437,7 @@ print(grown - before, kept - before, after - before, trimmed_ok)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's; other systems return memory by themselves")
 def test_freed_host_memory_goes_back_to_the_system():
     out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, check=True,
@@ -447,6 +449,7 @@ def test_freed_host_memory_goes_back_to_the_system():
     assert after < kept - 100  # the trim handed most of it back
 
 
+@pytest.mark.slow
 def test_only_one_copy_of_the_history_latents_lives_while_a_section_decodes(tiny_components, image, tmp_path, monkeypatch):
     """The previous section's history (and views into it) is released once the new one exists.
 

@@ -12,20 +12,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_helper.conditioning import image_to_tensor, vae_encode
-from diffusers_helper.events import CancelToken, Cancelled, Failed, Finished, SectionDone, Stage, StepProgress
-from diffusers_helper.pipeline import OutputPaths, _conditioning, flow_x0, generate
+from diffusers_helper.events import CancelToken, Cancelled, Failed, Finished, Notice, SectionDone, StepProgress
+from diffusers_helper.outputs import OutputPaths
+from diffusers_helper.pipeline import _conditioning, flow_x0, generate
 from diffusers_helper.settings import GenerationSettings
 from diffusers_helper.video import read_frames, read_metadata
-
-# Small but complete: 3 sections of window 3 at the 64-px buckets.
-FAST = dict(prompt="a cat walks on the grass", seconds=1.2, window=3, steps=3, resolution=64, seed=7)
-
-
-@pytest.fixture(scope="module")
-def image():
-    y, x = np.mgrid[0:90, 0:120]
-    rgb = np.stack([x * 2, y * 2, (x + y)], axis=-1).clip(0, 255).astype(np.uint8)
-    return rgb
 
 
 def run(components, settings, image, output, **kw):
@@ -34,8 +25,8 @@ def run(components, settings, image, output, **kw):
 
 
 @pytest.mark.parametrize("model", ["framepack", "f1"])
-def test_end_to_end_frames_files_and_latents(tiny_components, image, tmp_path, model):
-    settings = GenerationSettings(model=model, **FAST, teacache=False)
+def test_end_to_end_frames_files_and_latents(tiny_components, image, tmp_path, model, fast):
+    settings = fast.replace(model=model, teacache=False)
     assert settings.sections == 3
     out = tmp_path / "video.mp4"
     events, last = run(tiny_components(model), settings, image, out, save_latents=tmp_path / "lat.safetensors")
@@ -75,8 +66,8 @@ def test_end_to_end_frames_files_and_latents(tiny_components, image, tmp_path, m
 
 
 @pytest.mark.parametrize("model", ["framepack", "f1"])
-def test_same_seed_same_latents_other_seed_differs(tiny_components, image, tmp_path, model):
-    settings = GenerationSettings(model=model, **{**FAST, "seconds": 1.0})
+def test_same_seed_same_latents_other_seed_differs(tiny_components, image, tmp_path, model, fast):
+    settings = fast.replace(model=model, seconds=1.0)
     results = []
     for i, seed in enumerate([5, 5, 6]):
         path = tmp_path / f"l{i}.safetensors"
@@ -87,7 +78,7 @@ def test_same_seed_same_latents_other_seed_differs(tiny_components, image, tmp_p
     assert not torch.equal(results[0], results[2])
 
 
-def test_teacache_skips_steps_and_is_removed_after_the_job(tiny_components, image, tmp_path, monkeypatch):
+def test_teacache_skips_steps_and_is_removed_after_the_job(tiny_components, image, tmp_path, monkeypatch, fast):
     from diffusers.hooks import HookRegistry
 
     import diffusers_helper.teacache as teacache
@@ -97,7 +88,7 @@ def test_teacache_skips_steps_and_is_removed_after_the_job(tiny_components, imag
     original = teacache.apply_teacache
     monkeypatch.setattr(teacache, "apply_teacache", lambda t, num_steps: original(t, num_steps, threshold=1e9))
     components = tiny_components("f1")
-    settings = GenerationSettings(model="f1", **{**FAST, "steps": 12, "seconds": 1.0})
+    settings = fast.replace(model="f1", steps=12, seconds=1.0)
     calls = []
     # the feed-forward inside the block only runs when the block really computes
     handle = components.transformer.transformer_blocks[0].ff.register_forward_hook(lambda *a: calls.append(1))
@@ -119,10 +110,10 @@ def test_teacache_skips_steps_and_is_removed_after_the_job(tiny_components, imag
         assert registry is None or not isinstance(registry, HookRegistry) or not registry.hooks
 
 
-def test_transformer_receives_the_packed_context(tiny_components, image, tmp_path):
+def test_transformer_receives_the_packed_context(tiny_components, image, tmp_path, fast):
     """Wiring check: the kwargs of the first call match the framepack layout for 2 sections of window 2."""
     components = tiny_components("framepack")
-    settings = GenerationSettings(model="framepack", **{**FAST, "seconds": 1.0, "steps": 1}, teacache=False)
+    settings = fast.replace(model="framepack", seconds=1.0, steps=1, teacache=False)
     assert settings.sections == 2
     seen = []
     hook = components.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
@@ -147,8 +138,8 @@ def test_transformer_receives_the_packed_context(tiny_components, image, tmp_pat
     assert first["guidance"].tolist() == [10000.0] and first["timestep"].tolist() == [1000.0]
 
 
-def test_cancel_keeps_the_finished_sections(tiny_components, image, tmp_path):
-    settings = GenerationSettings(model="f1", **FAST)
+def test_cancel_keeps_the_finished_sections(tiny_components, image, tmp_path, fast):
+    settings = fast.replace(model="f1")
     cancel = CancelToken()
     events = []
     for event in generate(tiny_components("f1"), settings, image, tmp_path / "c.mp4", cancel=cancel):
@@ -167,8 +158,8 @@ def test_cancel_keeps_the_finished_sections(tiny_components, image, tmp_path):
     assert sum(isinstance(e, StepProgress) for e in events) <= settings.steps + 1
 
 
-def test_closing_the_generator_cancels_the_job(tiny_components, image, tmp_path):
-    settings = GenerationSettings(model="f1", **FAST)
+def test_closing_the_generator_cancels_the_job(tiny_components, image, tmp_path, fast):
+    settings = fast.replace(model="f1")
     before = threading.active_count()
     gen = generate(tiny_components("f1"), settings, image, tmp_path / "x.mp4")
     for event in gen:
@@ -179,30 +170,29 @@ def test_closing_the_generator_cancels_the_job(tiny_components, image, tmp_path)
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_errors_end_the_job_with_a_message_and_write_nothing(tiny_components, image, tmp_path):
+def test_errors_end_the_job_with_a_message_and_write_nothing(tiny_components, image, tmp_path, fast):
     existing = tmp_path / "taken.mp4"
     existing.write_bytes(b"precious")
-    _, last = run(tiny_components("f1"), GenerationSettings(model="f1", **FAST), image, existing)
+    _, last = run(tiny_components("f1"), fast.replace(model="f1"), image, existing)
     assert isinstance(last, Failed) and "already exists" in last.message
     assert existing.read_bytes() == b"precious"
 
-    _, last = run(tiny_components("f1"), GenerationSettings(model="framepack", **FAST), image, tmp_path / "m.mp4")
+    _, last = run(tiny_components("f1"), fast.replace(model="framepack"), image, tmp_path / "m.mp4")
     assert isinstance(last, Failed) and "model" in last.message
 
-    _, last = run(tiny_components("f1"), GenerationSettings(model="f1", **FAST), None, tmp_path / "n.mp4")
+    _, last = run(tiny_components("f1"), fast.replace(model="f1"), None, tmp_path / "n.mp4")
     assert isinstance(last, Failed) and "image" in last.message.lower()
 
-    _, last = run(tiny_components("f1"), GenerationSettings(model="f1", **FAST), image, tmp_path / "v.avi")
+    _, last = run(tiny_components("f1"), fast.replace(model="f1"), image, tmp_path / "v.avi")
     assert isinstance(last, Failed) and ".mp4" in last.message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]
 
 
-def test_long_prompt_is_truncated_with_a_notice(tiny_components, image, tmp_path):
-    settings = GenerationSettings(model="f1", **{**FAST, "seconds": 1.0, "steps": 1},
-                                  teacache=False).replace(prompt="walk " * 400)
+def test_long_prompt_is_truncated_with_a_notice(tiny_components, image, tmp_path, fast):
+    settings = fast.replace(model="f1", seconds=1.0, steps=1, teacache=False).replace(prompt="walk " * 400)
     events, last = run(tiny_components("f1"), settings, image, tmp_path / "v.mp4")
     assert isinstance(last, Finished)
-    assert any(isinstance(e, Stage) and e.name == "notice" and "256" in e.message for e in events)
+    assert any(isinstance(e, Notice) and "256" in e.message for e in events)
 
 
 class _Velocity(torch.nn.Module):
@@ -255,11 +245,11 @@ def test_real_cfg_and_rescale():
 
 
 @pytest.mark.parametrize("model", ["framepack", "f1"])
-def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny_components, image, tmp_path, model):
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny_components, image, tmp_path, model, fast):
     from diffusers_helper.pipeline import load_resume_state, resume
 
     components = tiny_components(model)
-    settings = GenerationSettings(model=model, **FAST)
+    settings = fast.replace(model=model)
     _, last = run(components, settings, image, tmp_path / "whole.mp4", save_latents=tmp_path / "whole.st")
     assert isinstance(last, Finished)
 
@@ -285,12 +275,12 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny_compon
     assert not list(tmp_path.glob("cut.part*.mp4")) and not list(tmp_path.glob(".cut.*"))
 
 
-def test_resume_refuses_what_it_cannot_continue(tiny_components, image, tmp_path):
+def test_resume_refuses_what_it_cannot_continue(tiny_components, image, tmp_path, fast):
     from diffusers_helper.pipeline import load_resume_state
 
     with pytest.raises(ValueError, match="missing"):
         load_resume_state(tmp_path / "never.mp4")
-    _, last = run(tiny_components("f1"), GenerationSettings(model="f1", **FAST), image, tmp_path / "done.mp4")
+    _, last = run(tiny_components("f1"), fast.replace(model="f1"), image, tmp_path / "done.mp4")
     assert isinstance(last, Finished)
     with pytest.raises(ValueError, match="already finished"):
         load_resume_state(tmp_path / "done.mp4")

@@ -117,6 +117,7 @@ def _stop(proc: subprocess.Popen) -> str:
 # Where it listens, and logins
 
 
+@pytest.mark.slow
 def test_by_default_the_app_listens_on_this_computer_only_and_warns_about_nothing(tmp_path):
     proc, port = _start_demo(tmp_path)
     try:
@@ -127,6 +128,7 @@ def test_by_default_the_app_listens_on_this_computer_only_and_warns_about_nothin
     assert "WARNING" not in out
 
 
+@pytest.mark.slow
 def test_listening_on_all_addresses_warns_and_the_login_is_required(tmp_path):
     logins = tmp_path / "logins.txt"
     logins.write_text("# who may use the app\n\nalice:wonder land:1\n")
@@ -205,6 +207,7 @@ def _fetch(url: str, path: str) -> httpx.Response:
     return httpx.get(url + path, timeout=30)
 
 
+@pytest.mark.slow
 def test_the_outputs_are_served(app):
     url, outputs, _secret, video = app
     job_video = outputs / video.name if (outputs / video.name).exists() else next(outputs.glob("*.mp4"))
@@ -212,6 +215,7 @@ def test_the_outputs_are_served(app):
     assert response.status_code == 200 and response.content == job_video.read_bytes()
 
 
+@pytest.mark.slow
 def test_no_request_reads_a_file_outside_the_outputs_folder(app, tiny_sources):
     url, outputs, secret, _video = app
     targets = [
@@ -233,6 +237,7 @@ def test_no_request_reads_a_file_outside_the_outputs_folder(app, tiny_sources):
             assert response.status_code in (400, 403, 404, 405), (prefix, target, response.status_code)
 
 
+@pytest.mark.slow
 def test_the_file_route_fetches_no_urls_for_visitors(app):
     """Gradio's file route would fetch public URLs for anyone; the app refuses before any request leaves."""
     url, _outputs, _secret, _video = app
@@ -249,6 +254,7 @@ def test_the_file_route_fetches_no_urls_for_visitors(app):
     assert [m.cls for m in middleware] == [RefuseRemoteFiles]
 
 
+@pytest.mark.slow
 def test_api_inputs_cannot_name_files_on_the_server(app):
     url, outputs, secret, video = app
     c = Client(url, verbose=False)
@@ -275,6 +281,7 @@ def test_api_inputs_cannot_name_files_on_the_server(app):
         (outputs / "linked.json").unlink()
 
 
+@pytest.mark.slow
 def test_uploads_cannot_be_written_outside_gradios_upload_folder(app, tmp_path):
     url, outputs, secret, _video = app
     local = tmp_path / "payload.txt"
@@ -287,6 +294,7 @@ def test_uploads_cannot_be_written_outside_gradios_upload_folder(app, tmp_path):
     assert not (outputs.parent / target.name).exists()
 
 
+@pytest.mark.slow
 def test_output_names_never_come_from_user_input(app, start_image, tmp_path):
     url, outputs, secret, _video = app
     before_parent = sorted(p.name for p in outputs.parent.iterdir())
@@ -319,6 +327,7 @@ def _pickle_only_transformer(tiny_sources, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_pickled_checkpoint_is_refused_without_being_opened(tiny_sources, tmp_path, start_image, monkeypatch):
     from diffusers_helper.loading import SourceError, check_sources, load_transformer
 
@@ -347,6 +356,7 @@ def test_a_pickled_checkpoint_is_refused_without_being_opened(tiny_sources, tmp_
     assert opened == []
 
 
+@pytest.mark.slow
 def test_a_whole_job_unpickles_nothing(tiny_sources, tmp_path, start_image, monkeypatch):
     calls = []
 
@@ -371,6 +381,7 @@ def test_a_whole_job_unpickles_nothing(tiny_sources, tmp_path, start_image, monk
 # What is printed
 
 
+@pytest.mark.slow
 def test_hf_token_is_never_printed_or_logged(tiny_sources, tmp_path, start_image, monkeypatch, caplog, capfd):
     import logging
 

@@ -184,22 +184,6 @@ def test_loader_tokenizer_and_autotokenizer_match_tokenizer_json(tiny_sources, t
         assert auto(text)["input_ids"] == expected, text
 
 
-def test_llama_tokenizer_fast_class_matches_tokenizer_json(tiny_sources):
-    import transformers
-    from transformers import LlamaTokenizerFast
-
-    raw = _llama_raw(tiny_sources)
-    tok = LlamaTokenizerFast.from_pretrained(tiny_sources.hunyuan, subfolder="tokenizer")
-    same = all(tok(text)["input_ids"] == raw.encode(text).ids for text in PROMPTS)
-    if not same and int(transformers.__version__.split(".")[0]) >= 5:
-        pytest.xfail(
-            f"transformers {transformers.__version__}: LlamaTokenizerFast rebuilds a SentencePiece-style "
-            "(Metaspace) tokenizer from the vocabulary and ignores the byte-level tokenizer.json that the "
-            "official Llama 3 tokenizer declares; loading.py therefore uses PreTrainedTokenizerFast"
-        )
-    assert same
-
-
 def test_llama_tokenizer_pads(tiny_shared):
     tok = tiny_shared.tokenizer
     assert tok.pad_token == tiny.LLAMA_PAD and tok.pad_token_id is not None

@@ -1,0 +1,158 @@
+"""Command-line flags built from the settings, model sources from flags, and the one-line user error.
+
+The flags of `generate`, `resume`, the app (`demo_gradio.py`) and the benchmarks come from here:
+every `GenerationSettings` field becomes `--name-with-dashes` with its help and range, so a new
+setting is one field in `settings.py`. Flags are read as text and validated by the settings, which
+say which setting is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Optional
+
+from .events import Advice, with_advice
+from .settings import ATTENTION_CHOICES, VRAM_CHOICES, GenerationSettings, ModelSources
+
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+EXIT_CANCELLED = 130
+
+ATTENTION_HELP = ("attention kernel: auto (flash-attn or xFormers when installed on an NVIDIA GPU, else PyTorch "
+                  "SDPA), sdpa, flash, sage or xformers (default: %(default)s)")
+DEVICE_HELP = "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps (default: %(default)s)"
+VRAM_HELP = ("keep every model on the GPU (high) or give each stage only its models and stream the "
+             "transformer's blocks (low); auto: high when the free GPU memory holds everything (default: %(default)s)")
+
+# What the command line and the app's flags tell a user to do after a failure.
+ADVICE_WORDING: Mapping[Advice, str] = MappingProxyType({
+    Advice.CLOSE_GPU_PROGRAMS: "close other programs that use the GPU",
+    Advice.LOW_VRAM_MODE: "use low-VRAM mode (--vram low, or --vram auto)",
+    Advice.PRESERVE_MORE_MEMORY: "raise --gpu-memory-preservation (GB kept free on the GPU)",
+    Advice.SMALLER_JOB: "lower the resolution or the latent window",
+    Advice.USE_CPU: "run on the CPU (--device cpu; very slow)",
+})
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a mistake on one line and exits with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+
+def one_line(message: str) -> str:
+    """A message written for the page (it may span lines) as one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def user_error(message: str, advice: Iterable[Advice] = ()) -> int:
+    """Print a user's mistake as one line on stderr (with what to do); returns the exit status 2."""
+    print(f"error: {one_line(with_advice(str(message), tuple(advice), ADVICE_WORDING))}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def describe_failure(message: str, advice: Iterable[Advice] = ()) -> str:
+    """A failed job's message with what to do, in the command line's words."""
+    return with_advice(message, tuple(advice), ADVICE_WORDING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def setting_flag(name: str) -> str:
+    """The flag of a setting: `gpu_memory_preservation` -> `--gpu-memory-preservation`."""
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, names: Optional[Iterable[str]] = None, *,
+                           defaults: Optional[Mapping[str, Any]] = None, required: Iterable[str] = (),
+                           aliases: Optional[Mapping[str, Iterable[str]]] = None,
+                           help: Optional[Mapping[str, str]] = None) -> None:
+    """Add a flag for each GenerationSettings field (or those in `names`), with its help and range.
+
+    A flag left out keeps the settings' default (or the one in `defaults`). Numbers stay text
+    until `settings_from_args` hands them to the settings, which check them.
+    """
+    wanted = None if names is None else set(names)
+    defaults, aliases, help = dict(defaults or {}), dict(aliases or {}), dict(help or {})
+    for f in dataclasses.fields(GenerationSettings):
+        if wanted is not None and f.name not in wanted:
+            continue
+        meta = f.metadata
+        text = help.get(f.name, meta["help"])
+        rng = meta.get("range")
+        if rng is not None:
+            text = f"{text} ({_allowed(rng)})"
+        default = defaults.get(f.name)
+        flags = [setting_flag(f.name), *aliases.get(f.name, ())]
+        if f.type in ("bool", bool):
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=default, help=text)
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                                help=meta.get("negative_help") or f"do not {text}")
+            continue
+        parser.add_argument(*flags, dest=f.name, default=default, help=text, required=f.name in required,
+                            choices=list(meta["choices"]) if meta.get("choices") else None)
+
+
+def _allowed(rng) -> str:
+    """A range as the help shows it: '1-120', or '0 or more' when the top is too large to mean anything."""
+    if rng.high >= 2**32:
+        return f"{rng.low:g} or more"
+    return f"{rng.low:g}-{rng.high:g}"
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> GenerationSettings:
+    """GenerationSettings from the parsed setting flags that were given (and `overrides`); SettingsError if invalid."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)
+              if getattr(args, f.name, None) is not None}
+    return GenerationSettings(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Where and how models run
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, device_default: str = "auto",
+                          attention_default: str = "auto", vram_flags: Iterable[str] = ("--vram",),
+                          vram_dest: str = "vram") -> None:
+    """--device, --vram and --attention (checked when the runtime opens, before any model loads)."""
+    parser.add_argument("--device", default=device_default, metavar="NAME", help=DEVICE_HELP)
+    parser.add_argument(*vram_flags, dest=vram_dest, default="auto", choices=list(VRAM_CHOICES), help=VRAM_HELP)
+    parser.add_argument("--attention", default=attention_default, choices=list(ATTENTION_CHOICES), help=ATTENTION_HELP)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, *, per_variant: bool = False) -> None:
+    """Model source flags: --hunyuan, --siglip, --transformer, --tiny (and one flag per variant's transformer)."""
+    parser.add_argument("--hunyuan", metavar="SRC", help="HunyuanVideo text encoders, tokenizers and VAE: hub repo id or local folder")
+    parser.add_argument("--siglip", metavar="SRC", help="SigLIP image encoder: hub repo id or local folder")
+    parser.add_argument("--transformer", metavar="SRC", help="FramePack transformer for the chosen model: hub repo id or local folder")
+    parser.add_argument("--tiny", action="store_true", help="use tiny random-weight models (built once into a cache folder) to try the whole path in seconds")
+    if per_variant:
+        parser.add_argument("--framepack-transformer", metavar="SRC", help="FramePack transformer: hub repo id or local folder")
+        parser.add_argument("--f1-transformer", metavar="SRC", help="FramePack-F1 transformer: hub repo id or local folder")
+
+
+def sources_from_args(args: argparse.Namespace, model: str) -> ModelSources:
+    """ModelSources from the source flags: tiny models first, explicit flags override (--transformer for `model`)."""
+    if getattr(args, "tiny", False):
+        from .tiny import tiny_sources
+
+        sources = tiny_sources()
+    else:
+        sources = ModelSources()
+    if args.hunyuan:
+        sources = dataclasses.replace(sources, hunyuan=args.hunyuan)
+    if args.siglip:
+        sources = dataclasses.replace(sources, siglip=args.siglip)
+    if args.transformer:
+        sources = sources.with_transformer(model, args.transformer)
+    for variant in ("framepack", "f1"):
+        source = getattr(args, f"{variant}_transformer", None)
+        if source:
+            sources = sources.with_transformer(variant, source)
+    return sources
