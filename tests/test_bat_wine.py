@@ -23,6 +23,7 @@ FOLDER_NAME = "Frame Pack (1) ü&co"
 MINGW = "x86_64-w64-mingw32-gcc"
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(shutil.which("wine") is None, reason="Wine is not installed (apt-get install wine wine64)"),
     pytest.mark.skipif(shutil.which(MINGW) is None, reason=f"{MINGW} is not installed (apt-get install gcc-mingw-w64-x86-64)"),
 ]

@@ -410,6 +410,15 @@ def test_bat_files_are_crlf_ascii_and_thin():
         assert "diffusers_helper\\launcher.py" in text
 
 
+def test_ci_runs_the_readme_test_command():
+    """CI runs what the README tells Linux users to run, not a command of its own."""
+    command = "python3 -m diffusers_helper.launcher test"
+    assert f"```bash\n{command}\n```" in (REPO / "README.md").read_text()
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert any(line == command or line.startswith(command + " ") for line in lines)
+    assert not any(re.match(r"(python3? -m )?pytest\b", line) for line in lines)
+
+
 def test_log_files_are_pruned(tmp_path):
     for day in range(1, 26):
         (tmp_path / f"run-202611{day:02d}-120000.log").write_text("x")
