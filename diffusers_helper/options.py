@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional
 
 from .events import Advice, with_advice
-from .settings import ATTENTION_CHOICES, VRAM_CHOICES, GenerationSettings, ModelSources
+from .settings import ATTENTION_CHOICES, MODEL_VARIANTS, VRAM_CHOICES, GenerationSettings, ModelSources
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -151,7 +151,7 @@ def sources_from_args(args: argparse.Namespace, model: str) -> ModelSources:
         sources = dataclasses.replace(sources, siglip=args.siglip)
     if args.transformer:
         sources = sources.with_transformer(model, args.transformer)
-    for variant in ("framepack", "f1"):
+    for variant in MODEL_VARIANTS:
         source = getattr(args, f"{variant}_transformer", None)
         if source:
             sources = sources.with_transformer(variant, source)

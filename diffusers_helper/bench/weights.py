@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..settings import MODEL_VARIANTS
+
 # The official architectures (configs of the released checkpoints).
 FULL: dict[str, dict[str, Any]] = {
     "transformer": dict(
@@ -148,7 +150,7 @@ def write_models(root: Path, spec: dict, dtypes: dict, *, shard_bytes: int, seed
     pool = RandomPool(seed)
     for variant in variants:
         _write_transformer(root / variant, spec["transformer"], dtypes["transformer"], pool, shard_bytes,
-                           offset=1 if variant == "f1" else 0)
+                           offset=MODEL_VARIANTS.index(variant))  # each variant its own random values
     if shared:
         _write_shared(root, spec, dtypes, pool, shard_bytes)
 
