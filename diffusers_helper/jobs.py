@@ -35,7 +35,7 @@ TERMINAL = (Finished, Failed, Cancelled)
 
 
 class BusyError(ValueError):
-    """The same page already has a job queued or running."""
+    """The same owner (a browser session) already has a job queued or running."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class JobQueue:
             if self._closed:
                 raise RuntimeError("The job queue is closed.")
             if owner is not None and any(job.owner == owner for job in self._active()):
-                raise BusyError("This page already has a generation queued or running; wait for it or press End Generation.")
+                raise BusyError(f"{owner} already has a job queued or running.")
             job = Job(f"job-{next(self._ids)}", request, owner)
             self._waiting.append(job)
             self._tell_positions()

@@ -97,3 +97,26 @@ def test_the_page_words_failures_and_notices_in_its_own_terms():
     assert view.state == "failed" and view.message == describe_failure(failed)
     assert "GPU Inference Preserved Memory" in view.message and "--gpu-memory-preservation" not in view.message
     assert "Preserved Memory" in view.html()
+
+
+def test_a_second_job_from_the_same_page_is_refused_in_the_pages_words(page):
+    import threading
+
+    from diffusers_helper.jobs import JobQueue, JobRequest
+
+    gate = threading.Event()
+
+    def runner(job):
+        gate.wait(30)
+        return iter([Failed("stopped by the test")])
+
+    page.jobs.close()
+    page.jobs = JobQueue(runner)
+    request = JobRequest(GenerationSettings(), np.zeros((64, 64, 3), dtype=np.uint8))
+    page._submit(request, "tab-1")
+    try:
+        with pytest.raises(gr.Error, match="press End Generation"):
+            page._submit(request, "tab-1")
+        page._submit(request, "tab-2")  # another page may queue its own
+    finally:
+        gate.set()

@@ -290,8 +290,9 @@ class Page:
     def _submit(self, request: JobRequest, owner: Optional[str]) -> Job:
         try:
             return self.jobs.submit(request, owner=owner)
-        except BusyError as exc:
-            raise gr.Error(str(exc), title="Busy", print_exception=False) from None
+        except BusyError:
+            raise gr.Error("This page already has a generation queued or running; wait for it or press End Generation.",
+                           title="Busy", print_exception=False) from None
 
     def stream(self, job: Job, settings: GenerationSettings) -> Iterator[tuple]:
         """Stream a queued job's events until its last one, as updates of the page's outputs."""
