@@ -284,3 +284,15 @@ def test_resume_refuses_what_it_cannot_continue(tiny_components, image, tmp_path
     assert isinstance(last, Finished)
     with pytest.raises(ValueError, match="already finished"):
         load_resume_state(tmp_path / "done.mp4")
+
+
+def test_guidance_rescale_from_diffusers_is_bit_identical_to_the_formula():
+    """rescale_guidance uses diffusers' rescale_noise_cfg: r·(v·σ_pos/σ_cfg) + (1−r)·v, the same bits as written out."""
+    from diffusers_helper.pipeline import rescale_guidance
+
+    g = torch.Generator().manual_seed(3)
+    v_cfg, v_pos = torch.randn(2, 16, 3, 5, 7, generator=g), torch.randn(2, 16, 3, 5, 7, generator=g)
+    dims = list(range(1, v_pos.ndim))
+    for r in (0.0, 0.3, 0.7, 1.0):
+        ratio = v_pos.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True)
+        assert torch.equal(rescale_guidance(v_cfg, v_pos, r), r * (v_cfg * ratio) + (1 - r) * v_cfg)

@@ -135,3 +135,11 @@ def test_result_is_the_last_denoised_estimate_and_callback_sees_each_step():
 def test_bad_variant_is_rejected():
     with pytest.raises(ValueError):
         sample_unipc(lambda x, s: x, torch.zeros(1, 1), get_sigmas_flow_shift(3, 1.0), variant="bh3")
+
+
+def test_the_shift_from_diffusers_is_bit_identical_to_the_line_through_the_reference_points():
+    """flow_shift_mu uses diffusers' calculate_shift; the same operations on the same constants give the same bits."""
+    slope = (1.15 - 0.5) / (4096 - 256)
+    intercept = 0.5 - slope * 256
+    for tokens in (1, 255, 256, 257, 1000, 1520, 4096, 4097, 9000, 10**6):
+        assert flow_shift_mu(tokens) == min(slope * tokens + intercept, math.log(7.0)), tokens
