@@ -81,7 +81,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: Optional[Iter
     wanted = None if names is None else set(names)
     defaults, aliases, help = dict(defaults or {}), dict(aliases or {}), dict(help or {})
     for f in dataclasses.fields(GenerationSettings):
-        if wanted is not None and f.name not in wanted:
+        if (wanted is not None and f.name not in wanted) or not f.metadata.get("flag", True):
             continue
         meta = f.metadata
         text = help.get(f.name, meta["help"])
@@ -95,8 +95,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: Optional[Iter
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
                                 help=meta.get("negative_help") or f"do not {text}")
             continue
+        if meta.get("item") is not None:  # a tuple of items, one per repeated flag
+            parser.add_argument(*flags, dest=f.name, action="append", default=default, help=f"{text} (repeatable)",
+                                metavar=meta.get("metavar"))
+            continue
         parser.add_argument(*flags, dest=f.name, default=default, help=text, required=f.name in required,
-                            choices=list(meta["choices"]) if meta.get("choices") else None)
+                            choices=list(meta["choices"]) if meta.get("choices") else None,
+                            metavar=meta.get("metavar"))
 
 
 def _allowed(rng) -> str:
@@ -108,8 +113,13 @@ def _allowed(rng) -> str:
 
 def settings_from_args(args: argparse.Namespace, **overrides: Any) -> GenerationSettings:
     """GenerationSettings from the parsed setting flags that were given (and `overrides`); SettingsError if invalid."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)
-              if getattr(args, f.name, None) is not None}
+    values = {}
+    for f in dataclasses.fields(GenerationSettings):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        item = f.metadata.get("item")
+        values[f.name] = tuple(item(text) for text in value) if item is not None and isinstance(value, list) else value
     return GenerationSettings(**{**values, **overrides})
 
 

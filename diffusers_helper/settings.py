@@ -40,14 +40,18 @@ class Range:
 
 
 def setting(default: Any, help: str, *, range: Range | None = None, choices: tuple[str, ...] | None = None,
-            negative_help: str | None = None) -> Any:
+            negative_help: str | None = None, item: Any = None, metavar: str | None = None,
+            flag: bool = True) -> Any:
     """A GenerationSettings field with what the front ends need to offer it: help, range, choices.
 
     The command line's flags and the page's sliders are built from these, so a new setting is one
-    field here. `negative_help` is the help of a yes/no setting's `--no-...` flag.
+    field here. `negative_help` is the help of a yes/no setting's `--no-...` flag. A setting that
+    holds a tuple of items (given by a repeatable flag) names `item`: a function turning one flag
+    value (text) into one item, raising ValueError with a message. `flag=False`: no command-line flag.
     """
     return field(default=default, metadata={"help": help, "range": range, "choices": choices,
-                                            "negative_help": negative_help})
+                                            "negative_help": negative_help, "item": item, "metavar": metavar,
+                                            "flag": flag})
 
 
 @dataclass(frozen=True)
