@@ -35,7 +35,8 @@ def build_parser() -> OneLineParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     gen = sub.add_parser("generate", help="turn an image and a prompt into a video")
-    gen.add_argument("--image", required=True, help="start image")
+    gen.add_argument("--image", help="start image; without one the video starts from a plain frame "
+                                     "(text-to-video: see --start-color and --aspect)")
     gen.add_argument("--output", required=True, help="the MP4 to write (never overwritten)")
     add_settings_arguments(gen, required=("prompt",))
     gen.add_argument("--save-latents", metavar="PATH", help="also write the latents (safetensors, tensor 'history_latents')")
@@ -77,16 +78,20 @@ def generate(args) -> int:
     """`generate`: check everything cheap, open the models, run the job."""
     from .conditioning import load_image
     from .outputs import OutputPaths
+    from .pipeline import check_images
     from .runtime import Runtime
 
     # 1. Everything that can be checked cheaply is checked before any model loads.
     try:
-        settings = settings_from_args(args)
-        image = load_image(args.image)
+        settings = settings_from_args(args, text_to_video=not args.image)
+        image = load_image(args.image) if args.image else None
+        check_images(settings, image)  # the end image and keyframes too
         output = Path(args.output)
         if output.suffix.lower() != ".mp4":
             raise ValueError(f"--output must end in .mp4, not '{output.name}'.")
-        clash = OutputPaths(output).existing() + [Path(p) for p in [args.save_latents] if p and Path(p).exists()]
+        paths = OutputPaths(output)
+        clash = [p for p in paths.existing() + paths.image_copies(settings) if p.exists()]
+        clash += [Path(p) for p in [args.save_latents] if p and Path(p).exists()]
         if clash:
             raise ValueError(f"{clash[0]} already exists; choose another name (outputs are never overwritten).")
         runtime = Runtime(sources_from_args(args, settings.model), device=args.device, vram=args.vram,

@@ -155,6 +155,19 @@ class PromptEmbeddings:
         """The all-zero negative used when real CFG is 1 (it is never evaluated then)."""
         return PromptEmbeddings(torch.zeros_like(self.llama), self.mask.clone(), torch.zeros_like(self.pooled))
 
+    def mixed(self, other: "PromptEmbeddings", weight: float) -> "PromptEmbeddings":
+        """(1 − weight)·self + weight·other, token by token; the mask keeps the real tokens of either.
+
+        Beyond a prompt's own tokens its LLaMA embeddings are zeros (padding), so where only one
+        prompt has tokens the blend is that prompt's embedding scaled by its weight.
+        """
+        return PromptEmbeddings(
+            llama=(1 - weight) * self.llama + weight * other.llama.to(self.llama),
+            mask=self.mask | other.mask.to(self.mask.device),
+            pooled=(1 - weight) * self.pooled + weight * other.pooled.to(self.pooled),
+            truncated=self.truncated or other.truncated,
+        )
+
 
 def prompt_template() -> dict:
     """diffusers' HunyuanVideo prompt template and its crop_start."""

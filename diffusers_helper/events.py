@@ -100,6 +100,20 @@ def with_advice(message: str, advice: tuple[Advice, ...], wording: dict[Advice, 
 
 
 @dataclass(frozen=True)
+class SectionStarted:
+    """A section's sampling begins: what conditions it (its prompt, or the blend of two, and its anchor image)."""
+
+    section: int  # 1-based, in the order of generation
+    sections: int
+    time_index: int  # 0-based place in the video's time order
+    prompt: str
+    anchor: str  # "start" or "keyframeN"
+    anchor_seconds: Optional[float] = None  # a keyframe's time
+    blend_from: Optional[str] = None  # while a prompt change is blended in: the prompt before it
+    blend: float = 1.0  # the weight of `prompt`
+
+
+@dataclass(frozen=True)
 class StepProgress:
     """One sampling step finished; `preview` is a small uint8 RGB image (H, W, 3) of the denoised estimate."""
 
@@ -159,4 +173,4 @@ class Cancelled:
     frames: int = 0
 
 
-Event = Union[Stage, Notice, StepProgress, SectionDone, Finished, Failed, Cancelled]
+Event = Union[Stage, Notice, SectionStarted, StepProgress, SectionDone, Finished, Failed, Cancelled]

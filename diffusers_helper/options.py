@@ -65,8 +65,9 @@ def describe_failure(message: str, advice: Iterable[Advice] = ()) -> str:
 
 
 def setting_flag(name: str) -> str:
-    """The flag of a setting: `gpu_memory_preservation` -> `--gpu-memory-preservation`."""
-    return "--" + name.replace("_", "-")
+    """The flag of a setting: `gpu_memory_preservation` -> `--gpu-memory-preservation` (or the name its field gives)."""
+    named = GenerationSettings.__dataclass_fields__[name].metadata.get("flag")
+    return named if isinstance(named, str) else "--" + name.replace("_", "-")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, names: Optional[Iterable[str]] = None, *,
@@ -102,6 +103,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: Optional[Iter
         parser.add_argument(*flags, dest=f.name, default=default, help=text, required=f.name in required,
                             choices=list(meta["choices"]) if meta.get("choices") else None,
                             metavar=meta.get("metavar"))
+        for flag, (value, const_help) in (meta.get("consts") or {}).items():  # e.g. --teacache for --cache teacache
+            parser.add_argument(flag, dest=f.name, action="store_const", const=value, help=const_help)
 
 
 def _allowed(rng) -> str:
@@ -118,7 +121,9 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Generation
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        item = f.metadata.get("item")
+        item, parse = f.metadata.get("item"), f.metadata.get("parse")
+        if parse is not None and isinstance(value, str):  # e.g. a file holding the value
+            value = parse(value)
         values[f.name] = tuple(item(text) for text in value) if item is not None and isinstance(value, list) else value
     return GenerationSettings(**{**values, **overrides})
 

@@ -78,6 +78,20 @@ class OutputPaths:
         return Path(f"{self.stem}.latents.safetensors")
 
     @property
+    def end_image(self) -> Path:
+        """The end image as the model saw it (resized and cropped to the start image's bucket)."""
+        return Path(f"{self.stem}.end.png")
+
+    def keyframe(self, number: int) -> Path:
+        """The `number`-th keyframe (1-based, in time order) as the model saw it."""
+        return Path(f"{self.stem}.keyframe{number}.png")
+
+    def image_copies(self, settings) -> list[Path]:
+        """The copies of the end image and keyframes a job with these settings writes beside its video."""
+        return ([self.end_image] if settings.end_image else []) + [
+            self.keyframe(n) for n in range(1, len(settings.keyframes) + 1)]
+
+    @property
     def lock(self) -> Path:
         """The lock file a process holds while it generates the job."""
         return self.folder / f".{self.name}.lock"

@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -50,6 +50,7 @@ from .events import (
     JobCancelled,
     Notice,
     SectionDone,
+    SectionStarted,
     Stage,
     StageName,
     StepProgress,
@@ -58,8 +59,8 @@ from .memory import GIB, Placement, VramMode, empty_cache, is_out_of_memory, ram
 from .outputs import OutputPaths, atomic_write, write_json
 from .packing import overlap_frames
 from .sampling import flow_shift_mu, get_sigmas_flow_shift, sample_unipc
-from .sections import START, SectionPlan, distinct_prompts, plan_sections
-from .settings import VIDEO_FPS, GenerationSettings
+from .sections import START, SectionPlan, distinct_prompts, keyframe_name, plan_sections
+from .settings import VIDEO_FPS, GenerationSettings, aspect_ratio, color_rgb
 from .variants import Variant, variant
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class ResumeState:
     sections_done: int
     history_latents: torch.Tensor  # the generated latents so far, in time order
     start_latent: torch.Tensor
+    latents: dict = field(default_factory=dict)  # the end frame's and keyframes' latents, by name
 
 
 def load_resume_state(output: Path | str) -> ResumeState:
@@ -97,7 +99,7 @@ def load_resume_state(output: Path | str) -> ResumeState:
         raise ValueError(f"{paths.video.name} is already finished; there is nothing to resume.")
     if outputs.is_running(paths.video):
         raise outputs.JobBusy(outputs.busy_message(paths.video))
-    for needed in (paths.sidecar, paths.input_image, paths.latents):
+    for needed in (paths.sidecar, paths.latents):
         if not needed.exists():
             raise ValueError(f"Can't resume {paths.video.name}: {needed.name} is missing (the job stopped before its first section).")
     try:
@@ -105,14 +107,36 @@ def load_resume_state(output: Path | str) -> ResumeState:
         settings = GenerationSettings.from_dict(record["settings"])
         tensors = load_file(str(paths.latents))
         history, start = tensors["history_latents"], tensors["start_latent"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        latents = {name: tensors[f"{name}_latent"] for name in _anchor_names(settings)}
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise ValueError(f"Can't resume {paths.video.name}: its files are damaged ({exc}).") from None
+    if not settings.text_to_video and not paths.input_image.exists():
+        raise ValueError(f"Can't resume {paths.video.name}: {paths.input_image.name} is missing.")
     # the latents are written before the video and the sidecar, so they say how far the job got
     done, rest = variant(settings.model).sections_in(history.shape[2], settings.window)
     if rest or not 1 <= done < settings.sections:
         raise ValueError(f"Can't resume {paths.video.name}: its latents don't match its settings.")
     record = {k: v for k, v in record.items() if k not in _PROGRESS_KEYS}
-    return ResumeState(paths.video, settings, record, done, history, start)
+    return ResumeState(paths.video, settings, record, done, history, start, latents)
+
+
+def _anchor_names(settings: GenerationSettings) -> list[str]:
+    """The latents besides the start's that a job keeps in its latents file: the end frame's, the keyframes'."""
+    names = ["end"] if _uses_end_frame(settings) else []
+    return names + [keyframe_name(n) for n in range(1, len(settings.keyframes) + 1)]
+
+
+def _keyframe_seconds(settings: GenerationSettings, anchor: str) -> Optional[float]:
+    """The time of the keyframe called `anchor` (None for the start image)."""
+    for number, (seconds, _) in enumerate(settings.keyframes, 1):
+        if keyframe_name(number) == anchor:
+            return seconds
+    return None
+
+
+def _uses_end_frame(settings: GenerationSettings) -> bool:
+    # strength 0 is exactly no end frame (not a zero latent in its place)
+    return bool(settings.end_image) and settings.end_strength > 0
 
 
 def resume(components, output: Path | str, *, state: Optional[ResumeState] = None, **kwargs) -> Iterator[Event]:
@@ -121,8 +145,9 @@ def resume(components, output: Path | str, *, state: Optional[ResumeState] = Non
     `state` is what `load_resume_state(output)` returned, when the caller has read it already.
     """
     state = state or load_resume_state(output)
-    return generate(components, state.settings, OutputPaths(state.output).input_image, state.output,
-                    resume_state=state, metadata=state.record, **kwargs)
+    image = None if state.settings.text_to_video else OutputPaths(state.output).input_image
+    return generate(components, state.settings, image, state.output, resume_state=state, metadata=state.record,
+                    **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +265,87 @@ class _Encoded:
     preview: "LatentPreview"
 
 
+@dataclass
+class _Images:
+    """A job's images (RGB uint8, H×W×3): the start frame, the end frame, the keyframes in time order."""
+
+    start: np.ndarray
+    end: Optional[np.ndarray] = None
+    keyframes: list = field(default_factory=list)
+    synthetic: bool = False  # text-to-video: the start is a plain frame, never saved or shown
+    use_end: bool = False  # the end frame conditions the job (an end image with strength above 0)
+    cropped: bool = False  # already at the bucket's size (a resumed job's saved copies)
+
+    @classmethod
+    def read(cls, s: GenerationSettings, paths: OutputPaths, image, resumed: bool) -> "_Images":
+        """The images a job starts from; a resumed one reads the copies it saved (already cropped)."""
+        end, keyframes = None, []
+        if s.end_image:
+            end = _load_named("The end image", paths.end_image if resumed else s.end_image)
+        for number, (seconds, path) in enumerate(s.keyframes, 1):
+            keyframes.append(_load_named(f"The keyframe at {seconds:g} s", paths.keyframe(number) if resumed else path))
+        if s.text_to_video:
+            aspect_w, aspect_h = aspect_ratio(s.aspect)
+            height, width = find_nearest_bucket(aspect_h, aspect_w, s.resolution)
+            start = np.empty((height, width, 3), dtype=np.uint8)
+            start[:] = color_rgb(s.start_color)
+        else:
+            start = load_image(paths.input_image if resumed else image)
+        return cls(start, end, keyframes, synthetic=s.text_to_video, use_end=_uses_end_frame(s),
+                   cropped=resumed or s.text_to_video)
+
+    def bucket(self, s: GenerationSettings) -> tuple[int, int]:
+        """The (height, width) every image is fitted to: the start image's nearest bucket."""
+        return self.start.shape[:2] if self.cropped else find_nearest_bucket(*self.start.shape[:2], s.resolution)
+
+    def map(self, fit: Callable[[np.ndarray], np.ndarray]) -> "_Images":
+        """Every image passed through `fit` (a synthetic start is made at the bucket's size already)."""
+        return _Images(self.start if self.synthetic else fit(self.start), None if self.end is None else fit(self.end),
+                       [fit(k) for k in self.keyframes], self.synthetic, self.use_end, cropped=True)
+
+    def others(self) -> list[tuple[str, np.ndarray]]:
+        """(name, image) of the images besides the start whose latents condition the job."""
+        named = [("end", self.end)] if self.use_end else []
+        return named + [(keyframe_name(n), k) for n, k in enumerate(self.keyframes, 1)]
+
+    def named_copies(self, paths: OutputPaths, s: GenerationSettings) -> list[tuple[Path, np.ndarray]]:
+        """Where each image's copy goes beside the video (none for a synthetic start)."""
+        copies = [] if self.synthetic else [(paths.input_image, self.start)]
+        copies += [(paths.end_image, self.end)] if self.end is not None else []
+        return copies + [(paths.keyframe(n), k) for n, k in enumerate(self.keyframes, 1)]
+
+
+def check_images(settings: GenerationSettings, image) -> None:
+    """Read every image a job would use (start, end, keyframes); ValueError naming the one that can't be used."""
+    _Images.read(settings, OutputPaths(Path("check.mp4")), image, resumed=False)
+
+
+def _recorded_settings(s: GenerationSettings, paths: OutputPaths) -> dict[str, Any]:
+    """The settings as the job's record keeps them: its end image and keyframes are the copies beside the video
+    (named relative to the outputs folder), so the record does not depend on files that may go away."""
+    data = s.to_dict()
+    if s.end_image:
+        data["end_image"] = paths.end_image.name
+    data["keyframes"] = [[t, paths.keyframe(n).name] for n, (t, _) in enumerate(s.keyframes, 1)]
+    return data
+
+
+def _load_named(what: str, source) -> np.ndarray:
+    """load_image, with the input named in the message."""
+    try:
+        return load_image(source)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def _blended(prompts: dict, plan: SectionPlan) -> tuple[Any, Any]:
+    """A plan's (positive, negative) prompt embeddings; while a change is blended in, the mix of the two."""
+    positive, negative = prompts[plan.prompt]
+    if plan.blend_from is None:
+        return positive, negative
+    return prompts[plan.blend_from][0].mixed(positive, plan.blend), negative
+
+
 class _Job:
     """State of one running generation; `run` is the recipe, each step a method."""
 
@@ -268,53 +374,54 @@ class _Job:
         """The recipe; a resumed job reads its start image and latent back instead of computing them."""
         s = self.s
         # 1. Check inputs and claim the outputs
-        pixels = self.check_inputs(image, output, save_latents, resumed=resume_state is not None)
-        bucket = pixels.shape[:2] if resume_state else find_nearest_bucket(*pixels.shape[:2], s.resolution)
+        images = self.check_inputs(image, output, save_latents, resumed=resume_state is not None)
+        bucket = images.bucket(s)
         self.check_machine(bucket, metadata, resume_state.sections_done if resume_state else 0)
         plans = plan_sections(s, self.variant)
         # 2. Encode the prompts
         prompts = self.encode_prompts(distinct_prompts(plans))
-        # 3. Bucket, resize and crop (a resumed job reads back the crop it saved)
-        cropped = pixels if resume_state else self.crop(pixels, bucket)
-        # 4. Encode the start image: VAE latent and SigLIP embedding
-        encoded = self.encode_images(cropped, prompts, plans, resume_state)
+        # 3. Bucket, resize and crop (a resumed job reads back the crops it saved)
+        images = images if resume_state else self.crop(images, bucket)
+        # 4. Encode the images: VAE latents (start, end frame, keyframes), the start's SigLIP embedding
+        encoded = self.encode_images(images, prompts, plans, resume_state)
         # 5. Start the sections: history, random numbers, video writer, step cache
         self.start_sections(encoded)
         if resume_state is not None:
-            self.replay(resume_state, plans, cropped.shape[:2])
+            self.replay(resume_state, plans, bucket)
         # 6. Sample, join, decode and write each section
         for plan in plans[self.sections_done:]:
-            self.run_section(plan, encoded, cropped.shape[:2])
+            self.run_section(plan, encoded, bucket)
         # 7. Put the finished files in place
         return self.finish(save_latents)
 
     # -- 1. inputs, outputs and the machine ---------------------------------------------------
 
-    def check_inputs(self, image, output: Path, save_latents, *, resumed: bool) -> np.ndarray:
-        """Refuse what cannot run before anything is written; take the job's running lock."""
-        if self.s.model != self.c.model:
-            raise ValueError(f"The settings ask for model '{self.s.model}' but '{self.c.model}' is loaded.")
+    def check_inputs(self, image, output: Path, save_latents, *, resumed: bool) -> "_Images":
+        """Refuse what cannot run before anything is written; take the job's running lock; read the images."""
+        s = self.s
+        if s.model != self.c.model:
+            raise ValueError(f"The settings ask for model '{s.model}' but '{self.c.model}' is loaded.")
         paths = OutputPaths(output)
         if paths.video.suffix.lower() != ".mp4":
             raise ValueError(f"The output must be an .mp4 file, not '{paths.video.name}'.")
         # a resumed job continues its own files; only its final video must not exist yet
-        clash = [paths.video] if resumed else paths.finished_files()
+        clash = [paths.video] if resumed else paths.finished_files() + paths.image_copies(s)
         clash += [Path(save_latents)] if save_latents else []
         clash = [p for p in clash if p.exists()]
         if clash:
             raise ValueError(f"{clash[0]} already exists; choose another output name (outputs are never overwritten).")
-        pixels = load_image(image)
+        images = _Images.read(s, paths, image, resumed)
         paths.folder.mkdir(parents=True, exist_ok=True)
         # other windows and commands see the job as running, not interrupted, until it ends
         self._held.enter_context(outputs.hold(paths.video))
         self.paths = paths
-        return pixels
+        return images
 
     def check_machine(self, bucket: tuple[int, int], metadata: dict[str, Any], sections_done: int) -> None:
         """Can this machine run the job at all (GPU memory, RAM)? Then open the job's record."""
         needs = self.placement.check(self.c, self.s, *bucket)
         self._record = {**metadata, "software": f"framepack-independent {__version__}", "model": self.s.model,
-                        "settings": self.s.to_dict()}
+                        "settings": _recorded_settings(self.s, self.paths)}
         self.sections_done = sections_done
         self.write_record("running")
         slow_ram = ram_notice(needs, system_memory()[0], self.placement.mode)
@@ -340,38 +447,44 @@ class _Job:
         self.cancel.check()
         return encoded
 
-    def crop(self, pixels: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
-        """The start image resized and centre-cropped to its bucket, saved as the job's input image."""
+    def crop(self, images: "_Images", bucket: tuple[int, int]) -> "_Images":
+        """Every image resized and centre-cropped to the bucket, and saved beside the video as the model saw it."""
         height, width = bucket
-        cropped = resize_and_center_crop(pixels, width, height)
-        with atomic_write(self.paths.input_image) as tmp:
-            Image.fromarray(cropped).save(tmp, format="PNG")
+        cropped = images.map(lambda pixels: resize_and_center_crop(pixels, width, height))
+        for path, pixels in cropped.named_copies(self.paths, self.s):
+            with atomic_write(path) as tmp:
+                Image.fromarray(pixels).save(tmp, format="PNG")
         return cropped
 
-    def encode_images(self, cropped: np.ndarray, prompts: dict, plans: list[SectionPlan],
+    def encode_images(self, images: "_Images", prompts: dict, plans: list[SectionPlan],
                       resume_state: Optional[ResumeState]) -> _Encoded:
-        """The start image's latent and embedding, and the transformer's conditioning for each (prompt, image) used."""
+        """The images' latents, the start image's embedding, and the transformer's conditioning of every plan."""
         c, s = self.c, self.s
         if resume_state is None:
-            self.stage(StageName.VAE_ENCODE, "Encoding the start image")
+            self.stage(StageName.VAE_ENCODE, "Encoding the start image" + (" and the other images" if images.others() else ""))
             with self.placement.use(c.vae):
-                start_latent = vae_encode(image_to_tensor(cropped), c.vae).float().cpu()
+                latents = {name: vae_encode(image_to_tensor(pixels), c.vae).float().cpu()
+                           for name, pixels in [(START, images.start), *images.others()]}
+            if "end" in latents:
+                latents["end"] = latents["end"] * s.end_strength
         else:
-            start_latent = resume_state.start_latent
-        preview = LatentPreview.fit(start_latent, cropped)
+            latents = {START: resume_state.start_latent, **resume_state.latents}
+        preview = LatentPreview.fit(latents[START], images.start)
         self.cancel.check()
         self.stage(StageName.IMAGE_ENCODER, "Encoding the image with SigLIP")
         with self.placement.use(c.image_encoder):
-            embeddings = {START: encode_image(cropped, c.feature_extractor, c.image_encoder)}
+            embeddings = {START: encode_image(images.start, c.feature_extractor, c.image_encoder)}
         self.cancel.check()
         dtype, device = _compute_dtype(c.transformer), self.placement.device
         conditions = {}
-        for key in dict.fromkeys((plan.prompt, plan.image) for plan in plans):
-            positive, negative = prompts[key[0]]
-            image_embeds = embeddings[key[1]]
-            conditions[key] = (_conditioning(positive, image_embeds, s.distilled_cfg, dtype, device),
-                               _conditioning(negative, image_embeds, s.distilled_cfg, dtype, device))
-        return _Encoded(latents={START: start_latent}, conditions=conditions, preview=preview)
+        for plan in plans:
+            if plan.conditioning_key not in conditions:
+                positive, negative = _blended(prompts, plan)
+                image_embeds = embeddings[plan.image]
+                conditions[plan.conditioning_key] = (
+                    _conditioning(positive, image_embeds, s.distilled_cfg, dtype, device),
+                    _conditioning(negative, image_embeds, s.distilled_cfg, dtype, device))
+        return _Encoded(latents=latents, conditions=conditions, preview=preview)
 
     # -- 5.-6. sections -------------------------------------------------------------------------
 
@@ -381,7 +494,7 @@ class _Job:
 
         s = self.s
         self._generator = torch.Generator("cpu").manual_seed(s.seed)
-        self.history = self.variant.initial_history(encoded.latents[START])
+        self.history = self.variant.initial_history(encoded.latents[START], encoded.latents.get("end"))
         self.generated_frames = self.variant.start_frames
         self._writer = video.SectionVideoWriter(
             direction=self.variant.direction, fps=VIDEO_FPS, crf=s.crf, work_prefix=self.paths.work_prefix,
@@ -432,6 +545,9 @@ class _Job:
         layout = self.variant.layout(self.history, s.window, plan.padding)
         noise = self.draw_noise(size)
         self.stage(StageName.SAMPLING, f"Sampling section {section} of {s.sections}")
+        self.emit(SectionStarted(
+            section=section, sections=s.sections, time_index=plan.time_index, prompt=plan.prompt, anchor=plan.anchor,
+            anchor_seconds=_keyframe_seconds(s, plan.anchor), blend_from=plan.blend_from, blend=plan.blend))
         generated = self.sample(plan, layout, noise, encoded)
         # the layout's tensors are views into this history: drop them so that the old history is
         # freed as soon as the new, longer one exists (else two copies live through every decode)
@@ -440,7 +556,8 @@ class _Job:
                                                 is_last=plan.is_last)
         self.generated_frames += added
         real = self.variant.real_history(self.history, self.generated_frames)
-        save_latents_file(self.paths.latents, {"history_latents": real, "start_latent": encoded.latents[START]},
+        save_latents_file(self.paths.latents, {"history_latents": real,
+                                               **{f"{name}_latent": v for name, v in encoded.latents.items()}},
                           replace=True)
         self.stage(StageName.VAE_DECODE, f"Decoding section {section} of {s.sections}")
         pixels, overlap = self.decode(real, plan, is_last=plan.is_last)
@@ -451,7 +568,7 @@ class _Job:
     def sample(self, plan: SectionPlan, layout, noise: torch.Tensor, encoded: _Encoded) -> torch.Tensor:
         """Denoise one section's window with the transformer on the device; returns float32 latents on the CPU."""
         s, transformer = self.s, self.c.transformer
-        cond, uncond = encoded.conditions[(plan.prompt, plan.image)]
+        cond, uncond = encoded.conditions[plan.conditioning_key]
         section = plan.index + 1
 
         def on_step(info: dict) -> None:
@@ -472,9 +589,12 @@ class _Job:
 
     def decode(self, real: torch.Tensor, plan: SectionPlan, *, is_last: bool) -> tuple[torch.Tensor, int]:
         """Pixels of the newest latents (with the VAE's context at the seam) and how many frames overlap the video."""
-        to_decode, overlap = self.variant.decode_window(real, self.s.window, first=plan.index == 0, is_last=is_last)
+        first = plan.index == 0
+        to_decode, overlap = self.variant.decode_window(real, self.s.window, first=first, is_last=is_last)
         with self.placement.use(self.c.vae, tiling=True):
             pixels = vae_decode(to_decode, self.c.vae).cpu()
+        if self.s.text_to_video and self.variant.decodes_start_frame(first=first, is_last=is_last):
+            pixels = pixels[:, :, 1:]  # the plain start frame is not part of the video
         return pixels, overlap
 
     def write_section(self, plan: SectionPlan, pixels: torch.Tensor, overlap: int) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
 
 MODEL_VARIANTS = ("framepack", "f1")
 SAMPLER_VARIANTS = ("bh1", "bh2")
@@ -13,6 +17,8 @@ SAMPLER_VARIANTS = ("bh1", "bh2")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage", "xformers")
 # --vram: how models are kept on the accelerator (see memory.py)
 VRAM_CHOICES = ("auto", "high", "low")
+# --cache: how sampling steps are skipped (none, teacache.py, magcache.py)
+CACHE_CHOICES = ("none", "teacache", "magcache")
 
 # Official sources. Each may be replaced by a local folder with the same layout.
 DEFAULT_HUNYUAN = "hunyuanvideo-community/HunyuanVideo"
@@ -23,6 +29,9 @@ DEFAULT_TRANSFORMERS = {
 }
 
 VIDEO_FPS = 30
+
+# The plain start frame's colours for text-to-video (the page offers these; the CLI also takes #RRGGBB).
+START_COLORS = MappingProxyType({"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)})
 
 
 class SettingsError(ValueError):
@@ -41,17 +50,21 @@ class Range:
 
 def setting(default: Any, help: str, *, range: Range | None = None, choices: tuple[str, ...] | None = None,
             negative_help: str | None = None, item: Any = None, metavar: str | None = None,
-            flag: bool = True) -> Any:
+            flag: bool | str = True, consts: Mapping[str, tuple[Any, str]] | None = None,
+            parse: Any = None) -> Any:
     """A GenerationSettings field with what the front ends need to offer it: help, range, choices.
 
     The command line's flags and the page's sliders are built from these, so a new setting is one
     field here. `negative_help` is the help of a yes/no setting's `--no-...` flag. A setting that
     holds a tuple of items (given by a repeatable flag) names `item`: a function turning one flag
-    value (text) into one item, raising ValueError with a message. `flag=False`: no command-line flag.
+    value (text) into one item, raising ValueError with a message. `flag=False`: no command-line flag;
+    a text: the flag's name (else `--name-with-dashes`). `consts`: more flags, each setting a fixed
+    value, {flag: (value, help)}. `parse`: a function turning the flag's text into the value (ValueError
+    with a message), e.g. reading a file.
     """
     return field(default=default, metadata={"help": help, "range": range, "choices": choices,
                                             "negative_help": negative_help, "item": item, "metavar": metavar,
-                                            "flag": flag})
+                                            "flag": flag, "consts": consts, "parse": parse})
 
 
 @dataclass(frozen=True)
@@ -73,13 +86,45 @@ class GenerationSettings:
     distilled_cfg: float = setting(10.0, "distilled CFG scale", range=Range(1.0, 32.0, step=0.01))
     cfg: float = setting(1.0, "real CFG scale; above 1 doubles the cost", range=Range(1.0, 32.0, step=0.01))
     cfg_rescale: float = setting(0.0, "guidance rescale", range=Range(0.0, 1.0, step=0.01))
-    teacache: bool = setting(True, "skip steps with TeaCache (default)", negative_help="compute every step")
+    cache: str = setting("teacache", "skip transformer work on steps that change little: none (compute every step), "
+                                     "teacache (default) or magcache", choices=CACHE_CHOICES,
+                         consts={"--teacache": ("teacache", "the same as --cache teacache"),
+                                 "--no-teacache": ("none", "the same as --cache none")})
     crf: int = setting(16, "MP4 compression, lower is better quality", range=Range(0, 100, integer=True))
     resolution: int = setting(640, "bucket resolution", range=Range(64, 1280, integer=True, step=16))
     sampler: str = setting("bh1", "UniPC variant", choices=SAMPLER_VARIANTS)
     gpu_memory_preservation: float = setting(
         6.0, "GPU memory in GB kept free for the computation when models are streamed (low VRAM mode); "
              "raise it after an out-of-memory error", range=Range(0.0, 128.0, step=0.1))
+    # -- creative control: end frame, keyframes, prompts over time, text-to-video ------------------
+    end_image: Optional[str] = setting(None, "an image the video should end on (FramePack only)", metavar="PATH")
+    end_strength: float = setting(1.0, "how strongly the video is pulled to the end image", range=Range(0.0, 1.0, step=0.01))
+    keyframes: tuple = setting((), "an image the video passes through from T seconds on (0 < T < the length)",
+                               item=lambda text: parse_keyframe(text), metavar="T=PATH", flag="--keyframe")
+    prompt_blend: int = setting(0, "sections over which a timed prompt change is blended in", range=Range(0, 32, integer=True))
+    text_to_video: bool = setting(False, "start from a plain frame instead of an image", flag=False)
+    start_color: str = setting("black", "the plain start frame's colour for text-to-video: "
+                                        f"{', '.join(START_COLORS)} or #RRGGBB", metavar="NAME|#RRGGBB")
+    aspect: str = setting("16:9", "the video's aspect ratio for text-to-video, snapped to the nearest bucket",
+                          metavar="W:H")
+    # -- speed: MagCache's rule (Ma et al., 2025; defaults are the authors' for FramePack), fp8 weights --
+    magcache_threshold: float = setting(0.10, "MagCache: skip steps while the accumulated error stays under this; "
+                                              "higher is faster, lower is closer", range=Range(0.0, 1.0, step=0.005))
+    magcache_k: int = setting(3, "MagCache: at most this many steps skipped in a row", range=Range(1, 10, integer=True))
+    magcache_retention: float = setting(0.2, "MagCache: the first fraction of the steps is always computed",
+                                        range=Range(0.0, 1.0, step=0.01))
+    magcache_ratios: tuple = setting((), "MagCache: the magnitude ratios measured by a calibration run (its "
+                                         ".magcache.json file) instead of the published ones", metavar="FILE",
+                                     parse=lambda text: _load_magcache_ratios(text))
+    magcache_calibrate: bool = setting(False, "measure MagCache's magnitude ratios for this model and these settings "
+                                              "(every step computed) and save them beside the video",
+                                  negative_help="do not measure MagCache's ratios (default)")
+    fp8: bool = setting(False, "store the transformer's attention and MLP weights in 8 bits (fp8 e4m3): about a "
+                               "third less memory and streaming, slightly different video", negative_help="keep the "
+                               "transformer's weights in 16 bits")
+    # -- LoRAs for the transformer (lora.py) --------------------------------------------------------
+    loras: tuple = setting((), "a LoRA file for the transformer, with its weight (-2 to 2, default 1) after the last "
+                               "colon", item=lambda text: parse_lora(text), metavar="PATH[:WEIGHT]", flag="--lora")
 
     def __post_init__(self) -> None:
         for name, rng in RANGES.items():
@@ -95,8 +140,79 @@ class GenerationSettings:
             raise SettingsError(f"model must be one of {', '.join(MODEL_VARIANTS)}, not {self.model!r}.")
         if self.sampler not in SAMPLER_VARIANTS:
             raise SettingsError(f"sampler must be one of {', '.join(SAMPLER_VARIANTS)}, not {self.sampler!r}.")
-        if not isinstance(self.teacache, bool):
-            raise SettingsError("teacache must be true or false.")
+        self._check_speed()
+        self._check_creative_control()
+        object.__setattr__(self, "loras", checked_loras(self.loras))
+
+    def _check_creative_control(self) -> None:
+        """End frame, keyframes, timed prompts and the text-to-video frame: each input named when wrong."""
+        if self.end_image in ("", None):
+            object.__setattr__(self, "end_image", None)
+        elif not isinstance(self.end_image, str):
+            raise SettingsError(f"end_image must be a path, not {self.end_image!r}.")
+        elif self.model != "framepack":
+            raise SettingsError("An end image needs the FramePack model: FramePack-F1 generates forward from the "
+                                "start image and has no end to anchor.")
+        if not isinstance(self.text_to_video, bool):
+            raise SettingsError("text_to_video must be true or false.")
+        object.__setattr__(self, "start_color", color_rgb(self.start_color) and str(self.start_color).strip().lower())
+        object.__setattr__(self, "aspect", aspect_ratio(self.aspect) and str(self.aspect).strip())
+        object.__setattr__(self, "keyframes", self._checked_keyframes())
+        for marker in parse_timed_prompt(self.prompt)[1]:
+            if self.section_at(marker.start) >= self.sections:
+                raise SettingsError(f"The prompt marker at {marker.start:g} s starts in section "
+                                    f"{self.section_at(marker.start) + 1}, past the video's last "
+                                    f"({self.sections}: {self.seconds:g} s, {self.section_seconds:.2f} s per section).")
+
+    def _checked_keyframes(self) -> tuple:
+        items = [parse_keyframe(k) if isinstance(k, str) else k for k in (self.keyframes or ())]
+        keyframes = []
+        for item in items:
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[1], str) or not item[1]:
+                raise SettingsError(f"A keyframe is a time and an image path, not {item!r}.")
+            seconds = _check_number("keyframe time", item[0], Range(0, self.seconds))
+            if not 0 < seconds < self.seconds:
+                raise SettingsError(f"The keyframe at {seconds:g} s must be inside the video (0 < T < {self.seconds:g} s).")
+            keyframes.append((float(seconds), item[1]))
+        keyframes.sort(key=lambda k: k[0])
+        sections = [self.section_at(t) for t, _ in keyframes]
+        for (t, path), section in zip(keyframes, sections):
+            if section >= self.sections:
+                raise SettingsError(f"The keyframe at {t:g} s ({path}) starts in section {section + 1}, past the "
+                                    f"video's last ({self.sections}: {self.section_seconds:.2f} s per section).")
+        for (a, _), (b, _), sa, sb in zip(keyframes, keyframes[1:], sections, sections[1:]):
+            if sa == sb:
+                raise SettingsError(f"The keyframes at {a:g} s and {b:g} s fall in the same section ({sa + 1}); "
+                                    f"each section is {self.section_seconds:.2f} s long.")
+        return tuple(keyframes)
+
+    def _check_speed(self) -> None:
+        """The step cache and its MagCache parameters, fp8."""
+        if self.cache not in CACHE_CHOICES:
+            raise SettingsError(f"cache must be one of {', '.join(CACHE_CHOICES)}, not {self.cache!r}.")
+        for name in ("magcache_calibrate", "fp8"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name} must be true or false.")
+        ratios = self.magcache_ratios if self.magcache_ratios is not None else ()
+        if isinstance(ratios, str) or not isinstance(ratios, (tuple, list)):
+            raise SettingsError(f"magcache_ratios must be a list of numbers, not {ratios!r}.")
+        object.__setattr__(self, "magcache_ratios", check_magcache_ratios(ratios) if ratios else ())
+        if self.magcache_calibrate and self.cache != "magcache":
+            raise SettingsError("magcache_calibrate measures MagCache's ratios: it needs cache magcache.")
+
+    @property
+    def teacache(self) -> bool:
+        """Whether TeaCache skips steps (cache == 'teacache'); the setting's name before MagCache."""
+        return self.cache == "teacache"
+
+    @property
+    def section_seconds(self) -> float:
+        """L = window·4/30: the length of video one section adds, in seconds."""
+        return self.window * 4 / VIDEO_FPS
+
+    def section_at(self, seconds: float) -> int:
+        """The 0-based section (in time order) a marker at `seconds` applies from: round(T / L), Python's round."""
+        return int(round(seconds / self.section_seconds))
 
     @property
     def sections(self) -> int:
@@ -114,12 +230,13 @@ class GenerationSettings:
         return (self.total_latent_frames - 1) * 4 + 1
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dictionary of every setting."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dictionary of every setting (tuples as lists, as JSON gives them back)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationSettings":
-        """Build from a mapping, rejecting unknown keys with a clear message."""
+        """Build from a mapping, rejecting unknown keys with a clear message; a record's old keys are understood."""
+        data = _renamed(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -129,6 +246,38 @@ class GenerationSettings:
     def replace(self, **changes: Any) -> "GenerationSettings":
         """A copy with some settings changed, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def _renamed(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as older versions recorded them, in today's names: `teacache: true/false` is `cache`."""
+    data = dict(data)
+    if "teacache" in data:
+        old = data.pop("teacache")
+        if not isinstance(old, bool):
+            raise SettingsError("teacache must be true or false.")
+        data.setdefault("cache", "teacache" if old else "none")
+    return data
+
+
+def check_magcache_ratios(ratios: Any) -> tuple[float, ...]:
+    """A MagCache ratio table as a tuple of floats, each finite and above 0, at least two; SettingsError otherwise."""
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (tuple, list)):
+        raise SettingsError(f"MagCache ratios must be a list of numbers, not {type(ratios).__name__}.")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise SettingsError(f"MagCache ratios must be finite numbers above 0; {r!r} is not.")
+    if len(ratios) < 2:
+        raise SettingsError(f"MagCache ratios need at least 2 steps, not {len(ratios)}.")
+    return tuple(float(r) for r in ratios)
+
+
+def _load_magcache_ratios(path: str) -> tuple:
+    from .magcache import load_ratios
+
+    try:
+        return load_ratios(path)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 # The numeric settings' ranges, from the fields above. The page builds its sliders from this table,
@@ -169,6 +318,8 @@ class ModelSources:
     hunyuan: str = DEFAULT_HUNYUAN
     siglip: str = DEFAULT_SIGLIP
     transformers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TRANSFORMERS))
+    # the VAE from elsewhere than hunyuan's vae/: one .safetensors file or a folder laid out like vae/
+    vae: Optional[str] = None
 
     def transformer(self, model: str) -> str:
         """The transformer source for a model variant."""
@@ -181,3 +332,119 @@ class ModelSources:
         merged = dict(self.transformers)
         merged[model] = source
         return dataclasses.replace(self, transformers=merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Creative control: the values' own syntax
+
+
+_HEX_COLOR = re.compile(r"^#([0-9a-fA-F]{6})$")
+# [Ts: text] or [T1s-T2s: text]: a prompt from T (until T2) seconds
+_MARKER = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*s\s*(?:-\s*(\d+(?:\.\d+)?)\s*s\s*)?:(.*?)\]", re.S)
+
+
+def color_rgb(value: Any) -> tuple[int, int, int]:
+    """The RGB of a start colour: a name from START_COLORS or #RRGGBB; SettingsError otherwise."""
+    text = str(value or "").strip().lower()
+    if text in START_COLORS:
+        return START_COLORS[text]
+    match = _HEX_COLOR.match(text)
+    if not match:
+        raise SettingsError(f"start_color must be one of {', '.join(START_COLORS)} or #RRGGBB, not {value!r}.")
+    number = int(match.group(1), 16)
+    return (number >> 16, (number >> 8) & 255, number & 255)
+
+
+def aspect_ratio(value: Any) -> tuple[int, int]:
+    """(W, H) of an aspect ratio written W:H with whole numbers, e.g. 16:9; SettingsError otherwise."""
+    width, sep, height = str(value or "").strip().partition(":")
+    if sep and width.strip().isdigit() and height.strip().isdigit() and int(width) > 0 and int(height) > 0:
+        w, h = int(width), int(height)
+        if max(w, h) / min(w, h) <= 8:
+            return w, h
+    raise SettingsError(f"aspect must look like W:H with whole numbers, e.g. 16:9 or 3:4 (at most 8:1), not {value!r}.")
+
+
+def parse_keyframe(text: str) -> tuple[float, str]:
+    """A keyframe flag `T=PATH` (seconds, path); the path may itself hold '='."""
+    seconds, sep, path = str(text).partition("=")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = None
+    if not sep or not path.strip() or value is None or not math.isfinite(value):
+        raise SettingsError(f"A keyframe looks like T=PATH (seconds, then the image), e.g. 2.5=middle.png; not {text!r}.")
+    return value, path.strip()
+
+
+@dataclass(frozen=True)
+class PromptMarker:
+    """`[Ts: text]` (end None: until the next marker) or `[T1s-T2s: text]` (then the earlier prompt returns)."""
+
+    start: float
+    end: Optional[float]
+    text: str
+
+
+def parse_timed_prompt(prompt: str) -> tuple[str, tuple[PromptMarker, ...]]:
+    """(the prompt from 0 s, its markers in order); a prompt without markers is returned whole."""
+    markers, pieces, last = [], [], 0
+    for match in _MARKER.finditer(prompt):
+        pieces.append(prompt[last:match.start()])
+        last = match.end()
+        start = float(match.group(1))
+        end = float(match.group(2)) if match.group(2) is not None else None
+        text = match.group(3).strip()
+        if end is not None and end <= start:
+            raise SettingsError(f"The prompt marker [{match.group(1)}s-{match.group(2)}s: ...] ends before it starts.")
+        markers.append(PromptMarker(start, end, text))
+    if not markers:
+        return prompt, ()
+    pieces.append(prompt[last:])
+    stray = " ".join(p.strip() for p in pieces[1:] if p.strip())
+    if stray:
+        raise SettingsError(f"Text outside the prompt markers after the first one ({stray[:40]!r}); put it inside a "
+                            "[Ts: ...] marker, or before the first marker to apply it from 0 s.")
+    return pieces[0].strip(), tuple(markers)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRAs: PATH[:WEIGHT]
+
+
+LORA_WEIGHT = Range(-2.0, 2.0, step=0.05)
+
+
+def parse_lora(text: Any) -> tuple[str, float]:
+    """A LoRA flag `PATH[:WEIGHT]` as (path, weight): the weight is what follows the last colon when that is a
+    number (so `C:\\loras\\x.safetensors` is a path), else the weight is 1."""
+    text = str(text).strip()
+    path, sep, tail = text.rpartition(":")
+    if sep and path.strip():
+        try:
+            return path.strip(), float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def checked_loras(items: Any) -> tuple[tuple[str, float], ...]:
+    """LoRAs as ((path, weight), ...) from flags' text, pairs or JSON lists; SettingsError names a bad one."""
+    if items is None:
+        return ()
+    if isinstance(items, (str, bytes)) or not isinstance(items, (tuple, list)):
+        raise SettingsError(f"loras must be a list of (file, weight) pairs, not {items!r}.")
+    checked, seen = [], set()
+    for item in items:
+        if isinstance(item, str):
+            item = parse_lora(item)
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str) or not item[0].strip():
+            raise SettingsError(f"A LoRA is a file and a weight, e.g. style.safetensors:0.8; not {item!r}.")
+        path = item[0].strip()
+        weight = float(_check_number(f"the weight of LoRA {path}", item[1], LORA_WEIGHT))
+        key = os.path.normcase(os.path.normpath(path))
+        if key in seen:
+            raise SettingsError(f"LoRA {path} is listed twice; give it once, with the sum of the weights.")
+        seen.add(key)
+        checked.append((path, weight))
+    return tuple(checked)

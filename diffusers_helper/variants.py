@@ -36,8 +36,15 @@ class Variant:
         """The 0-based place in the video's time order of the section generated `index`-th."""
         raise NotImplementedError
 
-    def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
-        """History latents before the first section: zeros for the context (and, for F1, the start latent)."""
+    def initial_history(self, start_latent: torch.Tensor, end_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """History latents before the first section: zeros for the context (and, for F1, the start latent).
+
+        `end_latent` (FramePack only): the end frame, in the place of the first history frame.
+        """
+        raise NotImplementedError
+
+    def decodes_start_frame(self, *, first: bool, is_last: bool) -> bool:
+        """Whether a section's decode window begins with the video's first frame (the start latent)."""
         raise NotImplementedError
 
     def layout(self, history: torch.Tensor, window: int, padding: int) -> SectionLayout:
@@ -89,9 +96,16 @@ class FramePack(Variant):
     def time_index(self, index: int, sections: int) -> int:
         return sections - 1 - index
 
-    def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
+    def initial_history(self, start_latent: torch.Tensor, end_latent: torch.Tensor | None = None) -> torch.Tensor:
         b, c, _, h, w = start_latent.shape
-        return torch.zeros((b, c, HISTORY_FRAMES, h, w), dtype=torch.float32)
+        history = torch.zeros((b, c, HISTORY_FRAMES, h, w), dtype=torch.float32)
+        if end_latent is not None:
+            # the first section's clean "post" frame: the video is generated back from its end towards it
+            history[:, :, :1] = end_latent.to(history)
+        return history
+
+    def decodes_start_frame(self, *, first: bool, is_last: bool) -> bool:
+        return is_last
 
     def layout(self, history: torch.Tensor, window: int, padding: int) -> SectionLayout:
         return framepack_layout(history, window, padding)
@@ -133,10 +147,15 @@ class F1(Variant):
     def time_index(self, index: int, sections: int) -> int:
         return index
 
-    def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
+    def initial_history(self, start_latent: torch.Tensor, end_latent: torch.Tensor | None = None) -> torch.Tensor:
+        if end_latent is not None:
+            raise SettingsError("FramePack-F1 generates forward and has no end frame; use the FramePack model.")
         b, c, _, h, w = start_latent.shape
         zeros = torch.zeros((b, c, HISTORY_FRAMES, h, w), dtype=torch.float32)
         return torch.cat([zeros, start_latent.to(zeros)], dim=2)
+
+    def decodes_start_frame(self, *, first: bool, is_last: bool) -> bool:
+        return first
 
     def layout(self, history: torch.Tensor, window: int, padding: int) -> SectionLayout:
         return f1_layout(history, window)

@@ -1,7 +1,5 @@
 """The model variants as objects, and the per-section plan: history, joining, decoding, resuming, conditioning."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -24,12 +22,19 @@ def test_initial_history():
     assert f1[:, :, :19].abs().sum() == 0 and torch.equal(f1[:, :, 19:], start)
 
 
+def _settings(sections: int) -> GenerationSettings:
+    """Settings of a job with `sections` sections (the plan depends on the count, not the window used here)."""
+    settings = GenerationSettings(window=33, seconds=round(33 * 4 / 30 * sections, 2))
+    assert settings.sections == sections
+    return settings
+
+
 def _simulate(v, sections, window, start):
     """The section loop's bookkeeping with labelled latents (section k generates frames labelled k)."""
     history = v.initial_history(start)
     generated_frames = v.start_frames
     pixel_frames = 0
-    plans = plan_sections(SimpleNamespace(sections=sections, prompt=""), v)
+    plans = plan_sections(_settings(sections), v)
     assert len(plans) == sections
     for plan in plans:
         gen = torch.full((1, 16, window, 1, 1), float(plan.index + 1))
@@ -83,7 +88,7 @@ def test_resume_rebuilds_the_history_and_the_saved_sections(model):
     history = v.initial_history(start)
     generated_frames = v.start_frames
     snapshots = []
-    for plan in plan_sections(SimpleNamespace(sections=sections, prompt=""), v):
+    for plan in plan_sections(_settings(sections), v):
         gen = torch.full((1, 16, window, 1, 1), float(plan.index + 1))
         history, added = v.join(history, gen, start_latent=start, is_last=plan.is_last)
         generated_frames += added
