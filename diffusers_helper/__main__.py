@@ -40,6 +40,8 @@ def build_parser() -> OneLineParser:
     gen.add_argument("--output", required=True, help="the MP4 to write (never overwritten)")
     add_settings_arguments(gen, required=("prompt",))
     gen.add_argument("--save-latents", metavar="PATH", help="also write the latents (safetensors, tensor 'history_latents')")
+    gen.add_argument("--lora-dir", metavar="DIR", default="loras",
+                     help="a --lora given as a bare file name is looked for here first (default: loras)")
     add_runtime_arguments(gen)
     add_source_arguments(gen)
 
@@ -47,6 +49,9 @@ def build_parser() -> OneLineParser:
     res.add_argument("output", help="the job's final video path, e.g. outputs/2025-05-01_12-30-05-123.mp4")
     add_runtime_arguments(res)
     add_source_arguments(res)
+    res.add_argument("--lora-dir", metavar="DIR", default="loras",
+                     help="where to look for the job's LoRAs by file name when they are no longer where it found "
+                          "them (default: loras)")
 
     tiny = sub.add_parser("tiny-models", help="write tiny random-weight models in the official folder layouts")
     tiny.add_argument("dir", help="folder to write into")
@@ -95,8 +100,8 @@ def generate(args) -> int:
         if clash:
             raise ValueError(f"{clash[0]} already exists; choose another name (outputs are never overwritten).")
         runtime = Runtime(sources_from_args(args, settings.model), device=args.device, vram=args.vram,
-                          attention=args.attention)
-        runtime.check(settings.model)
+                          attention=args.attention, compile=args.compile, lora_dir=args.lora_dir)
+        runtime.check(settings.model, settings.loras)
     except ValueError as exc:
         return user_error(str(exc))
     # 2. Load and run.
@@ -114,8 +119,9 @@ def resume(args) -> int:
     try:
         state = load_resume_state(output)
         runtime = Runtime(sources_from_args(args, state.settings.model), device=args.device, vram=args.vram,
-                          attention=args.attention)
-        runtime.check(state.settings.model)
+                          attention=args.attention, compile=args.compile, lora_dir=args.lora_dir)
+        state = runtime.resume_loras(state)  # the same LoRA files as the job used, or a message
+        runtime.check(state.settings.model, state.settings.loras)
     except ValueError as exc:
         return user_error(str(exc))
     remove_stale_files(output)  # what the killed process left half-written

@@ -8,8 +8,9 @@ it was before (no registry, no instance `forward`, when it had none).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -74,3 +75,31 @@ def invalidate_registry_caches(module: torch.nn.Module) -> None:
     registry = getattr(module, "_diffusers_hook", None)
     if registry is not None:
         registry.invalidate_child_registries_cache()
+
+
+class StepCacheBlockHook(ModelHook):
+    """Base of the step caches' per-block hooks (TeaCache, MagCache): the head decides, the others follow,
+    the tail stores the residual. Subclasses write `new_forward`; this holds what they share."""
+
+    _is_stateful = True
+
+    def __init__(self, cache: Any, is_head: bool, is_tail: bool) -> None:
+        super().__init__()
+        self.cache = cache
+        self.is_head = is_head
+        self.is_tail = is_tail
+        self._names: tuple[str, ...] = ()
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        params = inspect.signature(type(module).forward).parameters
+        self._names = tuple(name for name in params if name != "self")
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.is_head:
+            self.cache.reset()
+        return module
+
+    def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """A forward argument by name, whether it was passed by keyword or by position."""
+        return kwargs[name] if name in kwargs else args[self._names.index(name)]

@@ -28,14 +28,16 @@ HUB_TIMEOUT_S = 10.0
 COMPONENT_NAMES = ("transformer", "text_encoder", "text_encoder_2", "image_encoder", "vae")
 
 # Files each component needs. A tuple lists alternatives: one single-file checkpoint or a sharded
-# one (whose index names the shards, which are then required too).
+# one (whose index names the shards, which are then required too); "a+b" is an alternative of
+# several files. The alternatives are the layouts the libraries load: a tokenizer saved by
+# transformers 5 is only tokenizer.json, an older one vocab.json and merges.txt.
 _TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 _HUNYUAN_FILES: dict[str, list[Any]] = {
     "text_encoder": ["config.json", _TRANSFORMERS_WEIGHTS],
     "text_encoder_2": ["config.json", _TRANSFORMERS_WEIGHTS],
     "tokenizer": ["tokenizer.json", "tokenizer_config.json"],
-    "tokenizer_2": ["vocab.json", "merges.txt"],
+    "tokenizer_2": [("tokenizer.json", "vocab.json+merges.txt")],
     "vae": ["config.json", _DIFFUSERS_WEIGHTS],
 }
 _SIGLIP_FILES: dict[str, list[Any]] = {
@@ -44,7 +46,7 @@ _SIGLIP_FILES: dict[str, list[Any]] = {
 }
 _TRANSFORMER_FILES: list[Any] = ["config.json", _DIFFUSERS_WEIGHTS]
 
-_FLAGS = {"hunyuan": "--hunyuan", "siglip": "--siglip", "transformer": "--transformer"}
+_FLAGS = {"hunyuan": "--hunyuan", "siglip": "--siglip", "transformer": "--transformer", "vae": "--vae"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -143,7 +145,11 @@ class _Need:
 
 
 def _needs(sources: ModelSources, model: str | None) -> list[_Need]:
-    needs = [_Need("hunyuan", sources.hunyuan, sub, files) for sub, files in _HUNYUAN_FILES.items()]
+    vae = getattr(sources, "vae", None)
+    needs = [_Need("hunyuan", sources.hunyuan, sub, files) for sub, files in _HUNYUAN_FILES.items()
+             if not (vae and sub == "vae")]
+    if vae:
+        needs.append(_Need("vae", vae, "", _HUNYUAN_FILES["vae"]))
     needs += [_Need("siglip", sources.siglip, sub, files) for sub, files in _SIGLIP_FILES.items()]
     if model is not None:
         needs.append(_Need("transformer", sources.transformer(model), "", _TRANSFORMER_FILES))
@@ -173,11 +179,13 @@ def _check(needs: list[_Need]) -> dict[str, bool]:
             problems.append(f"{label}: no source given")
             continue
         local = Path(source).expanduser()
-        if local.is_dir():
+        if local.is_file():
+            problems += [f"{label}: {problem}" for problem in _single_file_problems(local, source_needs)]
+        elif local.is_dir():
             for need in source_needs:
                 problems += [f"{label}: {item}" for item in _missing_local(local, need)]
         elif _looks_like_path(source) or not _REPO_ID.match(source):
-            problems.append(f"{label}: no such folder")
+            problems.append(f"{label}: no such {'file' if source.lower().endswith('.safetensors') else 'folder'}")
         else:
             missing, reason, fully_cached = _missing_hub(source, source_needs)
             cached[source] = fully_cached
@@ -196,6 +204,28 @@ def _join(subfolder: str, name: str) -> str:
     return f"{subfolder}/{name}" if subfolder else name
 
 
+def _parts(name: str) -> list[str]:
+    """The files of one alternative ("a+b": both)."""
+    return name.split("+")
+
+
+def _show(subfolder: str, name: str) -> str:
+    return " and ".join(_join(subfolder, part) for part in _parts(name))
+
+
+def _single_file_problems(path: Path, needs: list[_Need]) -> list[str]:
+    """What is wrong with one file given as a source: only the transformer and the VAE may be one file."""
+    from .single_file import SingleFileError, read_header
+
+    if any(need.role not in ("transformer", "vae") for need in needs):
+        return ["is a file; this source must be a folder laid out like the official repository"]
+    try:
+        read_header(path)
+    except SingleFileError as exc:
+        return [str(exc)]
+    return []
+
+
 def _missing_local(root: Path, need: _Need) -> list[str]:
     folder = root / need.subfolder if need.subfolder else root
     if need.subfolder and not folder.is_dir():
@@ -203,9 +233,9 @@ def _missing_local(root: Path, need: _Need) -> list[str]:
     missing: list[str] = []
     for item in need.files:
         options = item if isinstance(item, tuple) else (item,)
-        present = [name for name in options if (folder / name).is_file()]
+        present = [name for name in options if all((folder / part).is_file() for part in _parts(name))]
         if not present:
-            missing.append(" or ".join(_join(need.subfolder, name) for name in options))
+            missing.append(" or ".join(_show(need.subfolder, name) for name in options))
         elif present[0].endswith(".index.json"):
             shards = _shards_of(folder / present[0])
             if shards is None:
@@ -236,13 +266,15 @@ def _missing_hub(repo: str, needs: list[_Need]) -> tuple[list[str], str, bool]:
     from huggingface_hub import try_to_load_from_cache
 
     def cached_path(name: str) -> str | None:
-        path = try_to_load_from_cache(repo, name)
-        return path if isinstance(path, str) else None
+        # an alternative of several files ("a+b") is cached when all are; its first file stands for it
+        paths = [try_to_load_from_cache(repo, part) for part in name.split("+")]
+        return paths[0] if all(isinstance(path, str) for path in paths) else None
 
     wanted: list[list[str]] = []  # each entry: alternatives, any one will do
     for need in needs:
         for item in need.files:
-            options = [_join(need.subfolder, n) for n in (item if isinstance(item, tuple) else (item,))]
+            options = ["+".join(_join(need.subfolder, part) for part in _parts(n))
+                       for n in (item if isinstance(item, tuple) else (item,))]
             hit = next((o for o in options if cached_path(o)), None)
             if hit is not None and hit.endswith(".index.json"):
                 shards = _shards_of(Path(cached_path(hit)))
@@ -254,17 +286,21 @@ def _missing_hub(repo: str, needs: list[_Need]) -> tuple[list[str], str, bool]:
 
     if _hub_offline():
         reason = "no local folder of that name, not in the local hub cache, and HF_HUB_OFFLINE is set"
-        return [" or ".join(o) for o in not_cached], reason, False
+        return [_alternatives(o) for o in not_cached], reason, False
     try:
         from huggingface_hub import HfApi
 
         info = HfApi().model_info(repo, timeout=HUB_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - any failure to reach the hub means the same to the user
         reason = f"no local folder of that name, not in the local hub cache, and the hub could not be asked: {_short(exc)}"
-        return [" or ".join(o) for o in not_cached], reason, False
+        return [_alternatives(o) for o in not_cached], reason, False
     on_hub = {s.rfilename for s in (info.siblings or [])}
-    missing = [" or ".join(o) for o in not_cached if not any(x in on_hub for x in o)]
+    missing = [_alternatives(o) for o in not_cached if not any(all(p in on_hub for p in _parts(x)) for x in o)]
     return missing, ("not in the repository" if missing else ""), False
+
+
+def _alternatives(options: list[str]) -> str:
+    return " or ".join(" and ".join(_parts(option)) for option in options)
 
 
 def _short(exc: BaseException) -> str:
@@ -428,7 +464,6 @@ def load_shared(sources: ModelSources, device: str | torch.device = "cpu",
 
 
 def _load_shared(sources: ModelSources, dtypes: dict[str, torch.dtype], cached: dict[str, bool]) -> SharedComponents:
-    from diffusers import AutoencoderKLHunyuanVideo
     from transformers import CLIPTextModel, CLIPTokenizer, LlamaModel, PreTrainedTokenizerFast, SiglipVisionModel
 
     hub_h, hub_s = _hub_kwargs(sources.hunyuan, cached), _hub_kwargs(sources.siglip, cached)
@@ -454,7 +489,7 @@ def _load_shared(sources: ModelSources, dtypes: dict[str, torch.dtype], cached: 
                                dtypes["text_encoder"], hub_h, diffusers=False)
     text_encoder_2 = _load_model(CLIPTextModel, "CLIP text encoder", hunyuan, "text_encoder_2",
                                  dtypes["text_encoder_2"], hub_h, diffusers=False)
-    vae = _load_model(AutoencoderKLHunyuanVideo, "VAE", hunyuan, "vae", dtypes["vae"], hub_h, diffusers=True)
+    vae = _load_vae(sources, dtypes["vae"], hub_h, hunyuan)
     # FramePack reads SigLIP's last hidden state; the pooling head is unused, so it may be absent.
     image_encoder = _load_model(SiglipVisionModel, "SigLIP image encoder", siglip, "image_encoder",
                                 dtypes["image_encoder"], hub_s, diffusers=False,
@@ -468,6 +503,56 @@ def _load_shared(sources: ModelSources, dtypes: dict[str, torch.dtype], cached: 
         feature_extractor=feature_extractor,
         image_encoder=image_encoder,
     )
+
+
+def _load_vae(sources: ModelSources, dtype: torch.dtype, hub: dict, hunyuan: str) -> Any:
+    """The HunyuanVideo VAE: from hunyuan's vae/, or from --vae (one .safetensors file or a folder like vae/)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    vae = getattr(sources, "vae", None)
+    if not vae:
+        return _load_model(AutoencoderKLHunyuanVideo, "VAE", hunyuan, "vae", dtype, hub, diffusers=True)
+    if Path(vae).expanduser().is_file():
+        from .single_file import OFFICIAL_VAE_CONFIG
+
+        return _load_single_file(AutoencoderKLHunyuanVideo, "HunyuanVideo VAE", vae, OFFICIAL_VAE_CONFIG, dtype)
+    return _load_model(AutoencoderKLHunyuanVideo, "VAE", _local_or_hub(vae), "", dtype, {}, diffusers=True)
+
+
+def _load_single_file(cls, label: str, source: str, official: dict, dtype: torch.dtype) -> Any:
+    """A model from one .safetensors file (single_file.py); its problems as SourceError."""
+    from .single_file import SingleFileError, load_single_file
+
+    try:
+        model = load_single_file(cls, source, official, dtype, describe=label)
+    except SingleFileError as exc:
+        raise SourceError(f"{exc} Point the flag at a {label} checkpoint (.safetensors), or at a folder laid out "
+                          "like the official repository.") from None
+    except _LOAD_ERRORS as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        raise _wrap(label, source, "", exc) from exc
+    return _finish(model)
+
+
+def transformer_config(source: str) -> dict:
+    """The configuration of a transformer source (folder, hub repo or single file), without loading weights."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from .single_file import OFFICIAL_TRANSFORMER_CONFIG, SingleFileError, file_config, is_single_file
+
+    try:
+        if is_single_file(source):
+            return file_config(source, OFFICIAL_TRANSFORMER_CONFIG)
+        if not Path(source).expanduser().is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+            if isinstance(cached, str):  # read from the cache without asking the hub
+                return json.loads(Path(cached).read_text(encoding="utf-8"))
+        return dict(HunyuanVideoFramepackTransformer3DModel.load_config(_local_or_hub(source)))
+    except (SingleFileError, *_LOAD_ERRORS) as exc:
+        raise _wrap("FramePack transformer's configuration", source, "", exc) from exc
 
 
 def keep_proj_out_fp32(transformer: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
@@ -495,8 +580,14 @@ def load_transformer(source: str, device: str | torch.device = "cpu", dtype: tor
 def _load_transformer(source: str, dtype: torch.dtype, cached: dict[str, bool]) -> Any:
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    transformer = _load_model(HunyuanVideoFramepackTransformer3DModel, "FramePack transformer", _local_or_hub(source),
-                              "", dtype, _hub_kwargs(source, cached), diffusers=True)
+    from .single_file import OFFICIAL_TRANSFORMER_CONFIG, is_single_file
+
+    if is_single_file(source):  # one .safetensors file, as ComfyUI keeps it (bf16, fp16 or fp8)
+        transformer = _load_single_file(HunyuanVideoFramepackTransformer3DModel, "FramePack transformer", source,
+                                        dict(OFFICIAL_TRANSFORMER_CONFIG), dtype)
+    else:
+        transformer = _load_model(HunyuanVideoFramepackTransformer3DModel, "FramePack transformer",
+                                  _local_or_hub(source), "", dtype, _hub_kwargs(source, cached), diffusers=True)
     config = transformer.config
     if not (config.get("has_image_proj") and config.get("has_clean_x_embedder")):
         raise SourceError(

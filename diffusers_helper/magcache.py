@@ -38,13 +38,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from diffusers.hooks import ModelHook
 
-from .hooks import add_hook, invalidate_registry_caches, remove_hook
+from .hooks import StepCacheBlockHook, add_hook, invalidate_registry_caches, remove_hook
 from .settings import MAGCACHE_CALIBRATION_KIND as CALIBRATION_KIND
 from .settings import check_magcache_ratios as check_ratios
 from .settings import load_magcache_ratios as load_ratios
@@ -354,32 +353,8 @@ class MagCache:
                 f"skipped={self.skipped}, calibrate={self.config.calibrate}, removed={self._removed})")
 
 
-class _MagCacheBlockHook(ModelHook):
+class _MagCacheBlockHook(StepCacheBlockHook):
     """Per-block hook: the head decides by the schedule, the others follow, the tail stores the residual."""
-
-    _is_stateful = True
-
-    def __init__(self, cache: MagCache, is_head: bool, is_tail: bool) -> None:
-        super().__init__()
-        self.cache = cache
-        self.is_head = is_head
-        self.is_tail = is_tail
-        self._names: tuple[str, ...] = ()
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        import inspect
-
-        params = inspect.signature(type(module).forward).parameters
-        self._names = tuple(name for name in params if name != "self")
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        if self.is_head:
-            self.cache.reset()
-        return module
-
-    def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
-        return kwargs[name] if name in kwargs else args[self._names.index(name)]
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         cache = self.cache

@@ -414,7 +414,7 @@ class Placement:
         """Put `modules` on the device for the duration of a stage.
 
         Low-VRAM mode: `preserve_bytes` stay free beside resident blocks of streamed models;
-        `skip_block(block)` says a block is bypassed on the current call (TeaCache), so it is not
+        `skip_block(block)` says a block is bypassed on the current call (a step cache), so it is not
         loaded; `tiling` turns on VAE tiling for the stage. High-VRAM mode moves the modules once
         and leaves them.
         """

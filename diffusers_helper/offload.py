@@ -22,7 +22,8 @@ back from the device: weights are frozen, so restoring the CPU tensor is enough.
 keeps system RAM low: the CPU tensors stay the memory-mapped checkpoint pages, never private copies.
 
 The hooks are diffusers `ModelHook`s on the blocks, removed when the stage ends; they coexist with
-the TeaCache hooks (`teacache.py`) and skip the copy of blocks TeaCache bypasses on a call.
+the step caches' hooks (`teacache.py`, `magcache.py`) and skip the copy of blocks a skipped step
+bypasses. fp8 weights (`fp8.py`) stream as the fp8 bytes they are.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _compute_dtype(t: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
-    return compute_dtype if compute_dtype is not None and t.is_floating_point() else t.dtype
+    # fp8 weights (fp8.py) stay fp8: they are upcast with their scale by their layer, never by a plain cast
+    cast = compute_dtype is not None and t.is_floating_point() and t.element_size() > 1
+    return compute_dtype if cast else t.dtype
 
 
 def tensors_bytes(tensors: Iterable[torch.Tensor], compute_dtype: Optional[torch.dtype] = None) -> int:

@@ -24,6 +24,8 @@ EXIT_CANCELLED = 130
 ATTENTION_HELP = ("attention kernel: auto (flash-attn or xFormers when installed on an NVIDIA GPU, else PyTorch "
                   "SDPA), sdpa, flash, sage or xformers (default: %(default)s)")
 DEVICE_HELP = "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps (default: %(default)s)"
+COMPILE_HELP = ("compile the transformer's blocks with torch.compile: faster steps after a first slow one "
+                "(needs Triton on NVIDIA GPUs, a C++ compiler on the CPU); refused where it can't work")
 VRAM_HELP = ("keep every model on the GPU (high) or give each stage only its models and stream the "
              "transformer's blocks (low); auto: high when the free GPU memory holds everything (default: %(default)s)")
 
@@ -134,22 +136,29 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Generation
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, *, device_default: str = "auto",
                           attention_default: str = "auto", vram_flags: Iterable[str] = ("--vram",),
-                          vram_dest: str = "vram") -> None:
-    """--device, --vram and --attention (checked when the runtime opens, before any model loads)."""
+                          vram_dest: str = "vram", compile_flag: bool = True) -> None:
+    """--device, --vram, --attention and --compile (checked when the runtime opens, before any model loads)."""
     parser.add_argument("--device", default=device_default, metavar="NAME", help=DEVICE_HELP)
     parser.add_argument(*vram_flags, dest=vram_dest, default="auto", choices=list(VRAM_CHOICES), help=VRAM_HELP)
     parser.add_argument("--attention", default=attention_default, choices=list(ATTENTION_CHOICES), help=ATTENTION_HELP)
+    if compile_flag:
+        parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, *, per_variant: bool = False) -> None:
     """Model source flags: --hunyuan, --siglip, --transformer, --tiny (and one flag per variant's transformer)."""
     parser.add_argument("--hunyuan", metavar="SRC", help="HunyuanVideo text encoders, tokenizers and VAE: hub repo id or local folder")
     parser.add_argument("--siglip", metavar="SRC", help="SigLIP image encoder: hub repo id or local folder")
-    parser.add_argument("--transformer", metavar="SRC", help="FramePack transformer for the chosen model: hub repo id or local folder")
+    parser.add_argument("--transformer", metavar="SRC", help="FramePack transformer for the chosen model: hub repo id, "
+                                                            "local folder or one .safetensors file (bf16, fp16 or fp8)")
+    parser.add_argument("--vae", metavar="SRC", help="HunyuanVideo VAE instead of the one in --hunyuan: one .safetensors "
+                                                    "file or a folder laid out like vae/")
     parser.add_argument("--tiny", action="store_true", help="use tiny random-weight models (built once into a cache folder) to try the whole path in seconds")
     if per_variant:
-        parser.add_argument("--framepack-transformer", metavar="SRC", help="FramePack transformer: hub repo id or local folder")
-        parser.add_argument("--f1-transformer", metavar="SRC", help="FramePack-F1 transformer: hub repo id or local folder")
+        parser.add_argument("--framepack-transformer", metavar="SRC", help="FramePack transformer: hub repo id, local "
+                                                                          "folder or one .safetensors file")
+        parser.add_argument("--f1-transformer", metavar="SRC", help="FramePack-F1 transformer: hub repo id, local folder "
+                                                                   "or one .safetensors file")
 
 
 def sources_from_args(args: argparse.Namespace, model: str) -> ModelSources:
@@ -164,6 +173,8 @@ def sources_from_args(args: argparse.Namespace, model: str) -> ModelSources:
         sources = dataclasses.replace(sources, hunyuan=args.hunyuan)
     if args.siglip:
         sources = dataclasses.replace(sources, siglip=args.siglip)
+    if getattr(args, "vae", None):
+        sources = dataclasses.replace(sources, vae=args.vae)
     if args.transformer:
         sources = sources.with_transformer(model, args.transformer)
     for variant in MODEL_VARIANTS:

@@ -39,6 +39,7 @@ from .conditioning import (
     vae_decode,
     vae_encode,
 )
+from .caches import calibration_path, save_calibration_for
 from .events import (
     Advice,
     AdviceError,
@@ -363,7 +364,7 @@ class _Job:
         self.history: Optional[torch.Tensor] = None
         self.generated_frames = 0
         self._writer = None
-        self._teacache = None
+        self._cache = None  # the step cache (TeaCache or MagCache), see caches.py
         self._record: Optional[dict[str, Any]] = None  # set once the job has a sidecar
         self._started: Optional[float] = None
         self._generator: Optional[torch.Generator] = None
@@ -401,12 +402,14 @@ class _Job:
         s = self.s
         if s.model != self.c.model:
             raise ValueError(f"The settings ask for model '{s.model}' but '{self.c.model}' is loaded.")
+        _check_weight_storage(s, self.c.transformer)
         paths = OutputPaths(output)
         if paths.video.suffix.lower() != ".mp4":
             raise ValueError(f"The output must be an .mp4 file, not '{paths.video.name}'.")
         # a resumed job continues its own files; only its final video must not exist yet
         clash = [paths.video] if resumed else paths.finished_files() + paths.image_copies(s)
         clash += [Path(save_latents)] if save_latents else []
+        clash += [calibration_path(paths.video)] if s.magcache_calibrate else []
         clash = [p for p in clash if p.exists()]
         if clash:
             raise ValueError(f"{clash[0]} already exists; choose another output name (outputs are never overwritten).")
@@ -490,7 +493,7 @@ class _Job:
 
     def start_sections(self, encoded: _Encoded) -> None:
         """The history, the random numbers, the video writer and the step cache, as before the first section."""
-        from .teacache import apply_teacache
+        from .caches import apply_step_cache
 
         s = self.s
         self._generator = torch.Generator("cpu").manual_seed(s.seed)
@@ -500,8 +503,7 @@ class _Job:
             direction=self.variant.direction, fps=VIDEO_FPS, crf=s.crf, work_prefix=self.paths.work_prefix,
             metadata={"comment": json.dumps(self._record, sort_keys=True)},
         )
-        if s.teacache:
-            self._teacache = apply_teacache(self.c.transformer, num_steps=s.steps)
+        self._cache = apply_step_cache(self.c.transformer, s)
         self._started = time.monotonic()
 
     def draw_noise(self, size: tuple[int, int]) -> torch.Tensor:
@@ -578,10 +580,10 @@ class _Job:
             ))
             self.cancel.check()
 
-        skip = self._teacache.skips_block if self._teacache is not None else None
+        skip = self._cache.skips_block if self._cache is not None else None
         with self.placement.use(transformer, preserve_bytes=s.gpu_memory_preservation * GIB, skip_block=skip):
-            if self._teacache is not None:
-                self._teacache.reset(s.steps)
+            if self._cache is not None:
+                self._cache.reset(s.steps)
             return sample_section(
                 transformer, noise.to(self.placement.device), layout, encoded.latents[plan.anchor], cond, uncond, s,
                 dtype=_compute_dtype(transformer), callback=on_step,
@@ -630,6 +632,9 @@ class _Job:
             latents_path = Path(save_latents)
             final = self.variant.real_history(self.history, self.generated_frames)
             save_latents_file(latents_path, {"history_latents": final}, replace=False)
+        calibration = save_calibration_for(self._cache, paths.video, self.s)
+        if calibration is not None:
+            self.emit(Notice(f"MagCache's measured ratios were saved to {calibration}."))
         self.write_record("finished")
         return Finished(video_path=paths.video, frames=self.frames, latents_path=latents_path,
                         input_image_path=paths.input_image)
@@ -662,9 +667,9 @@ class _Job:
         self.emit(Failed(message, video_path=self.latest_video, advice=tuple(advice)))
 
     def cleanup(self) -> None:
-        if self._teacache is not None:
-            self._teacache.remove()
-            self._teacache = None
+        if self._cache is not None:
+            self._cache.remove()
+            self._cache = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -728,6 +733,15 @@ def rescale_guidance(v_cfg: torch.Tensor, v_pos: torch.Tensor, rescale: float) -
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
     return rescale_noise_cfg(v_cfg, v_pos, guidance_rescale=rescale)
+
+
+def _check_weight_storage(settings: GenerationSettings, transformer) -> None:
+    """The loaded transformer's weights are stored as the settings say (fp8 or not); Runtime arranges that."""
+    from .fp8 import fp8_applied
+
+    if settings.fp8 != (fp8_applied(transformer) is not None):
+        wanted, held = ("fp8", "full-precision") if settings.fp8 else ("full-precision", "fp8")
+        raise ValueError(f"The settings ask for {wanted} transformer weights but the loaded transformer holds {held} ones.")
 
 
 def _compute_dtype(transformer) -> torch.dtype:

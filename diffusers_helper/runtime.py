@@ -33,13 +33,19 @@ class Runtime:
 
     def __init__(self, sources: SourcesLike, *, device: str | torch.device = "auto", vram: str = "auto",
                  attention: str = "auto", load_shared: Optional[Callable] = None,
-                 load_transformer: Optional[Callable] = None, **placement_options: Any):
+                 load_transformer: Optional[Callable] = None, compile: bool = False,
+                 lora_dir: Optional[Path | str] = None, **placement_options: Any):
         from .attention import resolve_attention
         from .loading import resolve_device
 
         self.device = resolve_device(device)
         # an unknown or unavailable kernel is refused now, before anything loads
         self.attention = resolve_attention(attention, self.device)
+        if compile:  # a platform that can't compile is refused now too (compiled.CompileUnavailable)
+            from .compiled import check_compile
+
+            check_compile(self.device)
+        self.compile = bool(compile)
         self._attention_choice = attention
         self.vram = vram
         self._sources = sources
@@ -51,6 +57,11 @@ class Runtime:
         self._shared = None
         self._transformer = None
         self._model: Optional[str] = None
+        self._fp8 = False  # whether the loaded transformer's weights are stored in fp8
+        # LoRAs: where a recorded job's LoRAs are looked for by name, and the ones in the transformer
+        self._loras = None
+        self._lora_targets: dict[str, dict] = {}  # transformer source -> its layers a LoRA may change
+        self.lora_dir = lora_dir
 
     # -- what it runs on ------------------------------------------------------------------------
 
@@ -60,11 +71,53 @@ class Runtime:
             self._sources = self._sources()
         return self._sources
 
-    def check(self, model: str) -> None:
-        """Confirm that every file `model` needs is there; SourceError lists what is missing."""
+    def check(self, model: str, loras: tuple = ()) -> None:
+        """Confirm that every file `model` needs is there (SourceError lists what is missing), and that
+        each of `loras` ((path, weight) pairs) fits its transformer (LoraError names the first bad key)."""
         from .loading import check_sources
 
         check_sources(self.sources(), model)
+        if loras:
+            self.check_loras(model, loras)
+
+    def check_loras(self, model: str, loras: tuple) -> None:
+        """Read each LoRA's header and map it onto `model`'s transformer, loaded or not (no weights are read)."""
+        from .lora import lora_targets
+
+        if not loras:
+            return
+        # from a weightless copy built from the configuration: the loaded transformer may be changing
+        # (a job applying its LoRAs on the worker thread) while a page checks the next job's
+        source = self.sources().transformer(model)
+        if source not in self._lora_targets:
+            from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+            from .loading import transformer_config
+
+            with torch.device("meta"):
+                meta = HunyuanVideoFramepackTransformer3DModel.from_config(transformer_config(source))
+            self._lora_targets[source] = lora_targets(meta)
+        self.lora_manager.check(loras, self._lora_targets[source])
+
+    @property
+    def lora_manager(self):
+        """The LoRAs in the loaded transformer and the files' SHA-256 sums (lora.LoraManager)."""
+        if self._loras is None:
+            from .lora import LoraManager
+
+            self._loras = LoraManager(self.lora_dir)
+        return self._loras
+
+    @property
+    def lora_dir(self) -> Optional[Path]:
+        """The LoRA folder: bare file names are looked for there first, and a resumed job's LoRAs by name."""
+        return self._lora_dir
+
+    @lora_dir.setter
+    def lora_dir(self, folder: Optional[Path | str]) -> None:
+        self._lora_dir = Path(folder).expanduser() if folder else None
+        if self._loras is not None:
+            self._loras.lora_dir = self._lora_dir
 
     @property
     def placement(self):
@@ -84,21 +137,28 @@ class Runtime:
         """The variant whose transformer is loaded, if any."""
         return self._model
 
-    def record(self, model: str) -> dict[str, Any]:
-        """What a job's sidecar says about where it ran: model sources, device, VRAM mode."""
+    def record(self, model: str, loras: tuple = ()) -> dict[str, Any]:
+        """What a job's sidecar says about where it ran: model sources, device, VRAM mode; its LoRAs by
+        file name and SHA-256."""
         sources = self.sources()
-        return {
+        record = {
             "sources": {"hunyuan": str(sources.hunyuan), "siglip": str(sources.siglip),
                         "transformer": str(sources.transformer(model))},
             "device": str(self.device),
             "vram_mode": self.placement.mode.value,
         }
+        if getattr(sources, "vae", None):
+            record["sources"]["vae"] = str(sources.vae)
+        if loras:
+            record["loras"] = self.lora_manager.record(loras)
+        return record
 
     # -- loading --------------------------------------------------------------------------------
 
     def components(self, model: str, notify: Callable[[str], None] = lambda message: None,
-                   cancel: Optional[CancelToken] = None):
-        """Components for `model`, loading what is missing; `notify` hears what is being loaded."""
+                   cancel: Optional[CancelToken] = None, *, fp8: bool = False):
+        """Components for `model` (its transformer's weights in fp8 if `fp8`), loading what is missing;
+        `notify` hears what is being loaded."""
         from .loading import Components, component_dtypes, load_shared, load_transformer
         from .variants import display_name
 
@@ -112,11 +172,12 @@ class Runtime:
                 self._shared = load_shared(sources, self.device)
             if cancel is not None:
                 cancel.check()
-            if self._model != model:
+            if (self._model, self._fp8) != (model, fp8):
                 if self._transformer is not None:
                     # Release the other variant first: two transformers rarely fit in memory.
                     notify(f"Unloading the {display_name(self._model)} transformer")
                     self._transformer, self._model = None, None
+                    self.lora_manager.forget()
                     from .memory import empty_cache
 
                     empty_cache(self.device)
@@ -125,9 +186,51 @@ class Runtime:
 
                 transformer = load_transformer(self.sources().transformer(model), self.device)
                 set_attention(transformer, self._attention_choice, self.device)
-                self._transformer, self._model = transformer, model
+                self._prepare(transformer, fp8, notify)
+                self._transformer, self._model, self._fp8 = transformer, model, fp8
             return Components(shared=self._shared, transformer=self._transformer, model=model,
                               device=self.device, dtypes=component_dtypes(self.device))
+
+    def _prepare(self, transformer, fp8: bool, notify: Callable[[str], None]) -> None:
+        """fp8 weight storage and compiled blocks, as asked; compiling comes before any hook goes on a block."""
+        if fp8:
+            from .fp8 import apply_fp8
+
+            notify("Storing the transformer's attention and MLP weights in fp8")
+            apply_fp8(transformer)
+        if self.compile:
+            from .compiled import compile_blocks
+
+            notify("Compiling the transformer's blocks (at the first step)")
+            compile_blocks(transformer)
+
+    def apply_loras(self, loras: tuple, notify: Callable[[str], None] = lambda message: None) -> list[str]:
+        """Make the loaded transformer carry exactly `loras` ((path, weight) pairs; none: as loaded).
+
+        Only LoRA files not applied yet are read; the base weights are never reloaded. Returns
+        what the user should know (keys that were skipped).
+        """
+        from .loading import component_dtypes
+
+        with self._lock:
+            if self._transformer is None:
+                raise RuntimeError("no transformer is loaded")
+            return self.lora_manager.apply(self._transformer, loras, component_dtypes(self.device)["transformer"],
+                                           notify=notify)
+
+    def resume_loras(self, state):
+        """A resumed job's state with its LoRAs where the very same files are now (recorded path, else
+        lora_dir); LoraError says which one is missing or changed."""
+        import dataclasses
+
+        from .lora import recorded_loras
+
+        loras = state.settings.loras
+        if not loras:
+            return state
+        folders = [self.lora_dir] if self.lora_dir is not None else []
+        found = recorded_loras(loras, state.record.get("loras") or [], folders, self.lora_manager)
+        return dataclasses.replace(state, settings=state.settings.replace(loras=found)) if found != loras else state
 
     # -- jobs -------------------------------------------------------------------------------------
 
@@ -137,16 +240,34 @@ class Runtime:
         """Load what the job needs, then run it (pipeline.generate) and yield its events."""
         from .pipeline import generate
 
-        components = self.components(settings.model, notify=notify, cancel=cancel)
-        return generate(components, settings, image, output, cancel=cancel, placement=self.placement,
-                        save_latents=save_latents, metadata=self.record(settings.model))
+        components = self.components(settings.model, notify=notify, cancel=cancel, fp8=settings.fp8)
+        notices = self.apply_loras(settings.loras, notify)
+        return _noticed(notices, generate(components, settings, image, output, cancel=cancel,
+                                          placement=self.placement, save_latents=save_latents,
+                                          metadata=self.record(settings.model, settings.loras)))
 
     def resume(self, output: Path | str, *, state=None, cancel: Optional[CancelToken] = None, save_latents=None,
                notify: Callable[[str], None] = lambda message: None) -> Iterator[Event]:
         """Continue an interrupted job (pipeline.resume), loading its model first; `state`: its ResumeState, if read."""
         from .pipeline import load_resume_state, resume
 
-        state = state or load_resume_state(output)
-        components = self.components(state.settings.model, notify=notify, cancel=cancel)
-        return resume(components, output, state=state, cancel=cancel, placement=self.placement,
-                      save_latents=save_latents)
+        state = self.resume_loras(state or load_resume_state(output))
+        components = self.components(state.settings.model, notify=notify, cancel=cancel, fp8=state.settings.fp8)
+        notices = self.apply_loras(state.settings.loras, notify)
+        return _noticed(notices, resume(components, output, state=state, cancel=cancel, placement=self.placement,
+                                        save_latents=save_latents))
+
+
+def _noticed(notices: list[str], events: Iterator[Event]) -> Iterator[Event]:
+    """The job's events after a Notice for each message (the events as they are when there is none)."""
+    if not notices:
+        return events
+
+    def chained() -> Iterator[Event]:
+        from .events import Notice
+
+        for message in notices:
+            yield Notice(message)
+        yield from events
+
+    return chained()

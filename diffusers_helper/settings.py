@@ -8,6 +8,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
@@ -115,7 +116,7 @@ class GenerationSettings:
                                         range=Range(0.0, 1.0, step=0.01))
     magcache_ratios: tuple = setting((), "MagCache: the magnitude ratios measured by a calibration run (its "
                                          ".magcache.json file) instead of the published ones", metavar="FILE",
-                                     parse=lambda text: _load_magcache_ratios(text))
+                                     parse=lambda text: load_magcache_ratios(text))
     magcache_calibrate: bool = setting(False, "measure MagCache's magnitude ratios for this model and these settings "
                                               "(every step computed) and save them beside the video",
                                   negative_help="do not measure MagCache's ratios (default)")
@@ -188,6 +189,8 @@ class GenerationSettings:
 
     def _check_speed(self) -> None:
         """The step cache and its MagCache parameters, fp8."""
+        if isinstance(self.cache, bool):  # the setting's yes/no form before MagCache (API clients)
+            object.__setattr__(self, "cache", "teacache" if self.cache else "none")
         if self.cache not in CACHE_CHOICES:
             raise SettingsError(f"cache must be one of {', '.join(CACHE_CHOICES)}, not {self.cache!r}.")
         for name in ("magcache_calibrate", "fp8"):
@@ -199,6 +202,9 @@ class GenerationSettings:
         object.__setattr__(self, "magcache_ratios", check_magcache_ratios(ratios) if ratios else ())
         if self.magcache_calibrate and self.cache != "magcache":
             raise SettingsError("magcache_calibrate measures MagCache's ratios: it needs cache magcache.")
+        if self.magcache_calibrate and self.steps < 2:
+            raise SettingsError("magcache_calibrate measures how each step's change compares with the step before: "
+                                "it needs at least 2 steps.")
 
     @property
     def teacache(self) -> bool:
@@ -234,18 +240,21 @@ class GenerationSettings:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GenerationSettings":
-        """Build from a mapping, rejecting unknown keys with a clear message; a record's old keys are understood."""
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> "GenerationSettings":
+        """Build from a mapping, rejecting unknown keys with a clear message (or leaving them out); a record's
+        old keys are understood."""
         data = _renamed(data)
         names = {f.name for f in dataclasses.fields(cls)}
+        if ignore_unknown:
+            data = {k: v for k, v in data.items() if k in names}
         unknown = sorted(set(data) - names)
         if unknown:
             raise SettingsError(f"Unknown setting(s): {', '.join(unknown)}.")
         return cls(**dict(data))
 
     def replace(self, **changes: Any) -> "GenerationSettings":
-        """A copy with some settings changed, validated again."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some settings changed, validated again (old names understood: teacache=False is cache='none')."""
+        return dataclasses.replace(self, **_renamed(changes))
 
 
 def _renamed(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,13 +280,25 @@ def check_magcache_ratios(ratios: Any) -> tuple[float, ...]:
     return tuple(float(r) for r in ratios)
 
 
-def _load_magcache_ratios(path: str) -> tuple:
-    from .magcache import load_ratios
+# What a MagCache calibration file says it is (magcache.save_calibration writes it).
+MAGCACHE_CALIBRATION_KIND = "framepack-magcache-ratios"
 
+
+def load_magcache_ratios(path: Any) -> tuple[float, ...]:
+    """The ratio table of a MagCache calibration file (magcache.save_calibration); SettingsError says what is wrong."""
+    path = Path(path).expanduser()
     try:
-        return load_ratios(path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"Can't read the MagCache ratios file {path}: {exc.strerror or exc}.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SettingsError(f"{path} is not a MagCache ratios file (not JSON).") from None
+    if not isinstance(data, dict) or data.get("kind") != MAGCACHE_CALIBRATION_KIND or "ratios" not in data:
+        raise SettingsError(f"{path} is not a MagCache ratios file (write one with a calibration run).")
+    try:
+        return check_magcache_ratios(data["ratios"])
     except ValueError as exc:
-        raise SettingsError(str(exc)) from None
+        raise SettingsError(f"{path}: {exc}") from None
 
 
 # The numeric settings' ranges, from the fields above. The page builds its sliders from this table,
@@ -441,7 +462,7 @@ def checked_loras(items: Any) -> tuple[tuple[str, float], ...]:
         if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str) or not item[0].strip():
             raise SettingsError(f"A LoRA is a file and a weight, e.g. style.safetensors:0.8; not {item!r}.")
         path = item[0].strip()
-        weight = float(_check_number(f"the weight of LoRA {path}", item[1], LORA_WEIGHT))
+        weight = float(_check_number(f"The weight of LoRA {path}", item[1], LORA_WEIGHT))
         key = os.path.normcase(os.path.normpath(path))
         if key in seen:
             raise SettingsError(f"LoRA {path} is listed twice; give it once, with the sum of the weights.")

@@ -22,14 +22,12 @@ that latents can be compared with it; see ``TeaCache._decide``.
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from diffusers.hooks import ModelHook
 
-from .hooks import add_hook, invalidate_registry_caches, remove_hook
+from .hooks import StepCacheBlockHook, add_hook, invalidate_registry_caches, remove_hook
 
 __all__ = ["TeaCache", "apply_teacache", "RESCALE_COEFFICIENTS", "DEFAULT_THRESHOLD"]
 
@@ -167,32 +165,8 @@ class TeaCache:
         )
 
 
-class _TeaCacheBlockHook(ModelHook):
+class _TeaCacheBlockHook(StepCacheBlockHook):
     """Per-block hook: the head decides, the others follow, the tail stores the residual."""
-
-    _is_stateful = True
-
-    def __init__(self, cache: TeaCache, is_head: bool, is_tail: bool) -> None:
-        super().__init__()
-        self.cache = cache
-        self.is_head = is_head
-        self.is_tail = is_tail
-        self._names: tuple[str, ...] = ()
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        params = inspect.signature(type(module).forward).parameters
-        self._names = tuple(name for name in params if name != "self")
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        if self.is_head:
-            self.cache.reset()
-        return module
-
-    def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        return args[self._names.index(name)]
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         cache = self.cache

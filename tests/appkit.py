@@ -20,11 +20,12 @@ from typing import Callable, Iterator
 import httpx
 
 from diffusers_helper.app import FORM_FIELDS, AppConfig, build_app, server_kwargs
+from diffusers_helper.app.ui import form_values
 from diffusers_helper.settings import GenerationSettings
 from diffusers_helper.video import read_frames
 
 # Two sections of one step at the 64-px buckets: a whole job takes about a second on a CPU.
-SMALL = GenerationSettings(prompt="", seconds=1, window=3, steps=1, resolution=64, seed=5, teacache=False)
+SMALL = GenerationSettings(prompt="", seconds=1, window=3, steps=1, resolution=64, seed=5, cache="none")
 JOB_TIMEOUT = 180
 
 # The browser tests drive Debian's Chromium ($CHROMIUM) through Playwright, without Playwright's own download.
@@ -91,8 +92,8 @@ def running_app(outputs: Path, sources, defaults: GenerationSettings = SMALL, **
 
 
 def form(base: GenerationSettings = SMALL, **changes) -> list:
-    """The generation endpoint's inputs after the image, from `base` with `changes`."""
-    values = {**base.to_dict(), **changes}
+    """The generation endpoint's inputs after the image, from `base` with `changes` (form field names)."""
+    values = {**form_values(base), **changes}
     return [values[name] for name in FORM_FIELDS]
 
 

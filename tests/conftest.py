@@ -19,6 +19,25 @@ from diffusers_helper.settings import GenerationSettings, ModelSources
 FAST = dict(prompt="a cat walks on the grass", seconds=1.2, window=3, steps=3, resolution=64, seed=7)
 
 
+def random_transformer(double: int = 2, single: int = 2, seed: int = 0, std: float = 0.05):
+    """A FramePack transformer of the tiny width with `double` and `single` blocks and every weight N(0, std²).
+
+    diffusers zero-initialises the gates; random values everywhere make every block matter. Import it
+    where a test needs a model of its own: `from conftest import random_transformer`.
+    """
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from diffusers_helper.tiny import TRANSFORMER_CONFIG
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HunyuanVideoFramepackTransformer3DModel(
+            **{**TRANSFORMER_CONFIG, "num_layers": double, "num_single_layers": single})
+        for p in model.parameters():
+            p.data.normal_(0.0, std)
+    return model.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="session")
 def fast() -> GenerationSettings:
     """Settings of a small but complete job (FAST): vary them with `fast.replace(model="f1", ...)`."""

@@ -22,6 +22,7 @@ from PIL import Image
 import appkit
 from appkit import final_video, free_port, is_video, progress_state, stem_of
 from diffusers_helper.app import FORM_FIELDS, AppConfig, build_app, build_parser, config_from_args, launch_options
+from diffusers_helper.app.ui import settings_from_form
 from diffusers_helper.conditioning import find_nearest_bucket
 from diffusers_helper.settings import GenerationSettings
 from diffusers_helper.video import read_frames, read_metadata
@@ -172,6 +173,17 @@ def test_user_mistakes_are_clear_messages_and_the_app_keeps_working(app, start_i
 
 
 @pytest.mark.slow
+def test_the_api_takes_inputs_by_name_and_the_rest_keep_the_pages_defaults(app, start_image, tmp_path):
+    """The README's scripting example: named inputs, everything left out as on the page."""
+    url, outputs = app
+    result = client(url).predict(image=handle_file(str(start_image)), prompt="named inputs", seed=123,
+                                 api_name="/generate")
+    record = sidecar_for(outputs, final_video(result))
+    assert record["settings"]["prompt"] == "named inputs" and record["settings"]["seed"] == 123
+    assert record["settings"]["steps"] == SMALL.steps and record["settings"]["seconds"] == SMALL.seconds
+
+
+@pytest.mark.slow
 def test_past_outputs_play_and_load_their_settings_back(app, start_image):
     url, outputs = app
     c = client(url)
@@ -184,7 +196,7 @@ def test_past_outputs_play_and_load_their_settings_back(app, start_image):
     loaded = c.predict(stem, api_name="/load_settings")
     image, values = loaded[0], dict(zip(FORM_FIELDS, loaded[1:]))
     assert values["prompt"] == "remember me" and values["seed"] == 77 and values["crf"] == 20 and values["sampler"] == "bh2"
-    assert GenerationSettings(**values) == SMALL.replace(prompt="remember me", seed=77, crf=20, sampler="bh2")
+    assert settings_from_form(values) == SMALL.replace(prompt="remember me", seed=77, crf=20, sampler="bh2")
     height, width = find_nearest_bucket(72, 96, SMALL.resolution)
     assert Image.open(image if isinstance(image, str) else image["path"]).size == (width, height)
     with pytest.raises(Exception, match="Unknown output"):

@@ -2,9 +2,10 @@
 
 Uploads a picture, types a prompt, presses Start Generation, watches the latent preview and the
 progress bar change, and checks that the finished `<video>` plays (the browser decodes our H.264
-MP4: readyState, duration, and time advancing while it plays). A screenshot of the page goes to
-the test's temporary folder, and also to $FRAMEPACK_SCREENSHOT when set (that is how
-docs/screenshot.png is made: FRAMEPACK_SCREENSHOT=docs/screenshot.png pytest tests/test_browser.py).
+MP4: readyState, duration, and time advancing while it plays); then does the same with an end frame,
+a keyframe and a timed prompt. A screenshot of the page goes to the test's temporary folder, and the
+last one also to $FRAMEPACK_SCREENSHOT when set (that is how docs/screenshot.png is made:
+FRAMEPACK_SCREENSHOT=docs/screenshot.png pytest tests/test_browser.py).
 
 Needs the `playwright` Python package (PyPI) and a Chromium binary ($CHROMIUM, else
 /usr/bin/chromium from `apt-get install chromium`); Playwright's own browser download is not
@@ -140,13 +141,7 @@ def test_generate_in_a_real_browser(app_url, tmp_path):
         log = page.evaluate("() => window.fpLog")
 
         page.evaluate("() => window.scrollTo(0, 0)")
-        shot = tmp_path / "screenshot.png"
-        page.screenshot(path=str(shot), full_page=True)
-        target = os.environ.get("FRAMEPACK_SCREENSHOT")
-        if target:
-            # a palette PNG: a quarter of the size, and the page's flat colours survive it
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            Image.open(shot).convert("RGB").quantize(colors=256).save(target, optimize=True)
+        page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
 
     # The video plays: the browser decoded it, knows its length, and time moved while it played.
     assert played["error"] is None, played
@@ -210,3 +205,68 @@ def test_end_and_mistakes_in_a_real_browser(app_url, tmp_path):
     assert "Stopped" in text and "kept" in text
     total = SETTINGS.replace(seconds=6).total_frames
     assert played["error"] is None and 0 < played["duration"] < total / 30, played
+
+
+# Records the progress area's line naming each section's prompt and anchor.
+WATCH_SECTIONS = """
+() => {
+  window.fpSections = [];
+  const record = () => {
+    const line = document.querySelector('#fp-progress .fp-progress-section');
+    const text = line ? line.textContent : null;
+    if (text && window.fpSections[window.fpSections.length - 1] !== text) window.fpSections.push(text);
+  };
+  new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
+}
+"""
+
+
+def test_end_frame_keyframe_and_timed_prompt_in_a_real_browser(app_url, tmp_path):
+    """The creative controls on the page: an end frame, a keyframe at 0.8 s and a prompt that changes at 1.2 s."""
+    start = landscape(tmp_path / "lake.png")
+    # the end frame: the same lake at night; the keyframe: the lake mirrored
+    picture = np.asarray(Image.open(start)).astype(np.float64)
+    end = tmp_path / "night.png"
+    Image.fromarray((picture * np.array([0.35, 0.4, 0.7])).astype(np.uint8)).save(end)
+    keyframe = tmp_path / "mirrored.png"
+    Image.fromarray(np.ascontiguousarray(picture[:, ::-1]).astype(np.uint8)).save(keyframe)
+    prompt = "[0s: The sun sets slowly over the lake] [1.2s: Night falls and stars appear over the water]"
+    with chromium_page(tmp_path / "chromium-profile", height=1400) as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(app_url)
+        page.wait_for_selector("#fp-start", timeout=60_000)
+        page.set_input_files("#fp-image input[type=file]", str(start))
+        page.wait_for_selector("#fp-image img", timeout=60_000)
+        page.fill("#fp-prompt textarea", prompt)
+        assert "[0s: a cat sits]" in page.inner_text("#fp-prompt-help")  # the marker syntax is shown under the prompt
+
+        page.click("#fp-creative button")  # open the accordion
+        page.set_input_files("#fp-end-image input[type=file]", str(end))
+        page.wait_for_selector("#fp-end-image img", timeout=60_000)
+        page.set_input_files("#fp-keyframe1 input[type=file]", str(keyframe))
+        page.wait_for_selector("#fp-keyframe1 img", timeout=60_000)
+        at = page.locator("#fp-keyframe1-time input")
+        at.fill("0.8")
+        at.press("Tab")
+        page.evaluate(WATCH_SECTIONS)
+        page.click("#fp-start")
+
+        wait_for_final_video(page, TIMEOUT_MS)
+        played = page.evaluate(PLAY, "#fp-final video")
+        sections = page.evaluate("() => window.fpSections")
+        page.evaluate("() => window.scrollTo(0, 0)")
+        shot = tmp_path / "screenshot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        target = os.environ.get("FRAMEPACK_SCREENSHOT")
+        if target:
+            # a palette PNG: a quarter of the size, and the page's flat colours survive it
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Image.open(shot).convert("RGB").quantize(colors=256).save(target, optimize=True)
+    assert played["error"] is None and played["readyState"] >= 2, played
+    assert abs(played["duration"] - SETTINGS.total_frames / 30) < 0.1, played
+    assert played["after"] > played["before"], played
+    # FramePack generates the end first: the later prompt and the keyframe come first, then the start's
+    assert any("Night falls" in line and "keyframe 1 (0.8 s)" in line for line in sections), sections
+    assert any("The sun sets" in line and "the start image" in line for line in sections), sections
+    assert not errors, errors

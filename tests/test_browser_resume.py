@@ -27,7 +27,7 @@ from diffusers_helper.settings import GenerationSettings
 pytestmark = pytest.mark.slow
 
 SETTINGS = GenerationSettings(prompt="the tide comes in", seconds=1.2, window=3, steps=1, resolution=64, seed=8,
-                              teacache=False)
+                              cache="none")
 STEM = "2025-01-02_03-04-05-678"
 TIMEOUT_MS = 180_000
 

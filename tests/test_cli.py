@@ -131,7 +131,7 @@ def test_every_setting_is_a_generate_flag_with_its_range():
     # nothing given: the settings' own defaults; given: validated by the settings
     assert settings_from_args(parser.parse_args([])) == GenerationSettings()
     args = parser.parse_args(["--gpu-memory-preservation", "8.5", "--no-teacache", "--model", "f1"])
-    assert settings_from_args(args) == GenerationSettings(gpu_memory_preservation=8.5, teacache=False, model="f1")
+    assert settings_from_args(args) == GenerationSettings(gpu_memory_preservation=8.5, cache="none", model="f1")
 
 
 def test_gpu_memory_preservation_and_numbered_cuda_devices_reach_the_checks(tiny_sources, picture, tmp_path, cli_error):

@@ -9,20 +9,11 @@ import torch
 from diffusers_helper import compiled
 from diffusers_helper.compiled import CompileUnavailable, check_compile, compile_blocks
 from diffusers_helper.offload import module_tensors, offloaded, plan_offload, streamable_blocks, tensors_bytes
+from conftest import random_transformer
 
 
 def _transformer(double=3, single=4, seed=0):
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
-
-    from diffusers_helper.tiny import TRANSFORMER_CONFIG
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = HunyuanVideoFramepackTransformer3DModel(
-            **{**TRANSFORMER_CONFIG, "num_layers": double, "num_single_layers": single})
-        for p in model.parameters():
-            p.data.normal_(0.0, 0.05)
-    return model.eval().requires_grad_(False)
+    return random_transformer(double, single, seed, std=0.05)
 
 
 @pytest.fixture

@@ -150,6 +150,7 @@ def test_a_marker_at_0_is_the_plain_prompt(tiny_components, fast, image, tmp_pat
     assert torch.equal(plain, marked)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["framepack", "f1"])
 def test_a_prompt_change_leaves_the_sections_generated_before_it_alone(tiny_components, fast, image, tmp_path, model):
     """F1 generates forward: sections before the change equal a run with the first prompt alone. FramePack
@@ -253,6 +254,7 @@ def test_the_cli_refuses_a_missing_keyframe_on_one_line_and_writes_nothing(tiny_
 # Resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["framepack", "f1"])
 def test_resume_with_every_feature_equals_the_uninterrupted_run(tiny_components, fast, pictures, tmp_path, model):
     start, other, third = pictures

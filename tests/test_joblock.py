@@ -24,7 +24,7 @@ from diffusers_helper.outputs import OutputPaths, list_outputs, remove_stale_fil
 from diffusers_helper.pipeline import generate, load_resume_state
 from diffusers_helper.settings import GenerationSettings
 
-SETTINGS = GenerationSettings(prompt="rain", seconds=1.2, window=3, steps=1, resolution=64, seed=3, teacache=False)
+SETTINGS = GenerationSettings(prompt="rain", seconds=1.2, window=3, steps=1, resolution=64, seed=3, cache="none")
 
 
 def test_a_held_job_is_running_until_released_and_leaves_no_lock_file(tmp_path):

@@ -32,20 +32,11 @@ from diffusers_helper.offload import (
     tensors_bytes,
 )
 from diffusers_helper.pipeline import generate
+from conftest import random_transformer
 
 
 def _transformer(double=2, single=2, seed=0):
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
-
-    from diffusers_helper.tiny import TRANSFORMER_CONFIG
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = HunyuanVideoFramepackTransformer3DModel(
-            **{**TRANSFORMER_CONFIG, "num_layers": double, "num_single_layers": single})
-        for p in model.parameters():  # diffusers zero-initialises the gates: make every block matter
-            p.data.normal_(0.0, 0.1)
-    return model.eval().requires_grad_(False)
+    return random_transformer(double, single, seed, std=0.1)
 
 
 def _steps(transformer_inputs, model, n):

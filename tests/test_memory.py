@@ -57,6 +57,7 @@ def _tight_budget(components) -> int:
 # Stages
 
 
+@pytest.mark.slow
 def test_each_stage_holds_only_its_models(tiny_components, image, tmp_path, fast):
     c = tiny_components("framepack")
     names = _names(c)
@@ -76,7 +77,7 @@ def test_each_stage_holds_only_its_models(tiny_components, image, tmp_path, fast
     before = {id(t): t.data_ptr() for m in (c.transformer, c.text_encoder, c.vae) for t in module_tensors(m)}
     handles = [watch(label, module) for label, module in watched]
     try:
-        last = run(c, fast.replace(model="framepack", teacache=False), image, tmp_path / "v.mp4",
+        last = run(c, fast.replace(model="framepack", cache="none"), image, tmp_path / "v.mp4",
                    placement=placement)
     finally:
         for h in handles:
@@ -108,6 +109,7 @@ def test_each_stage_holds_only_its_models(tiny_components, image, tmp_path, fast
     assert after == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacache", [False, True])
 def test_streamed_job_gives_the_same_latents(tiny_components, image, tmp_path, monkeypatch, teacache, fast):
     import diffusers_helper.teacache as teacache_module
@@ -117,7 +119,7 @@ def test_streamed_job_gives_the_same_latents(tiny_components, image, tmp_path, m
         original = teacache_module.apply_teacache
         monkeypatch.setattr(teacache_module, "apply_teacache", lambda t, num_steps: original(t, num_steps, threshold=1e9))
     c = tiny_components("f1")
-    settings = fast.replace(model="f1", steps=6, teacache=teacache)
+    settings = fast.replace(model="f1", steps=6, cache="teacache" if teacache else "none")
     resident = Placement(c.device, VramMode.HIGH)
     assert isinstance(run(c, settings, image, tmp_path / "a.mp4", placement=resident,
                           save_latents=tmp_path / "a.st"), Finished)
@@ -475,6 +477,6 @@ def test_only_one_copy_of_the_history_latents_lives_while_a_section_decodes(tiny
     monkeypatch.setattr(pipeline_module, "vae_decode", decode_and_count)
     for model in ("framepack", "f1"):
         counts.clear()
-        settings = GenerationSettings(model=model, seconds=2, window=3, steps=1, resolution=64, teacache=False)
+        settings = GenerationSettings(model=model, seconds=2, window=3, steps=1, resolution=64, cache="none")
         assert isinstance(run(tiny_components(model), settings, image, tmp_path / model / "v.mp4"), Finished)
         assert len(counts) == settings.sections and counts == [1] * settings.sections, (model, counts)

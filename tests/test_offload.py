@@ -25,6 +25,7 @@ from diffusers_helper.offload import (
     streamable_blocks,
     tensors_bytes,
 )
+from conftest import random_transformer
 
 MB = 1024**2
 
@@ -149,17 +150,7 @@ def test_ring_never_overlaps_live_chunks():
 
 
 def _transformer(double=3, single=4, seed=0):
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
-
-    from diffusers_helper.tiny import TRANSFORMER_CONFIG
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = HunyuanVideoFramepackTransformer3DModel(
-            **{**TRANSFORMER_CONFIG, "num_layers": double, "num_single_layers": single})
-        for p in model.parameters():
-            p.data.normal_(0.0, 0.1)
-    return model.eval().requires_grad_(False)
+    return random_transformer(double, single, seed, std=0.1)
 
 
 def _store_streamed_as_float64(blocks, plan):

@@ -26,7 +26,7 @@ def run(components, settings, image, output, **kw):
 
 @pytest.mark.parametrize("model", ["framepack", "f1"])
 def test_end_to_end_frames_files_and_latents(tiny_components, image, tmp_path, model, fast):
-    settings = fast.replace(model=model, teacache=False)
+    settings = fast.replace(model=model, cache="none")
     assert settings.sections == 3
     out = tmp_path / "video.mp4"
     events, last = run(tiny_components(model), settings, image, out, save_latents=tmp_path / "lat.safetensors")
@@ -96,7 +96,7 @@ def test_teacache_skips_steps_and_is_removed_after_the_job(tiny_components, imag
         _, last_on = run(components, settings, image, tmp_path / "on.mp4", save_latents=tmp_path / "on.st")
         computed_on = len(calls)
         calls.clear()
-        _, last_off = run(components, settings.replace(teacache=False), image, tmp_path / "off.mp4",
+        _, last_off = run(components, settings.replace(cache="none"), image, tmp_path / "off.mp4",
                           save_latents=tmp_path / "off.st")
         computed_off = len(calls)
     finally:
@@ -113,7 +113,7 @@ def test_teacache_skips_steps_and_is_removed_after_the_job(tiny_components, imag
 def test_transformer_receives_the_packed_context(tiny_components, image, tmp_path, fast):
     """Wiring check: the kwargs of the first call match the framepack layout for 2 sections of window 2."""
     components = tiny_components("framepack")
-    settings = fast.replace(model="framepack", seconds=1.0, steps=1, teacache=False)
+    settings = fast.replace(model="framepack", seconds=1.0, steps=1, cache="none")
     assert settings.sections == 2
     seen = []
     hook = components.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
@@ -189,7 +189,7 @@ def test_errors_end_the_job_with_a_message_and_write_nothing(tiny_components, im
 
 
 def test_long_prompt_is_truncated_with_a_notice(tiny_components, image, tmp_path, fast):
-    settings = fast.replace(model="f1", seconds=1.0, steps=1, teacache=False).replace(prompt="walk " * 400)
+    settings = fast.replace(model="f1", seconds=1.0, steps=1, cache="none").replace(prompt="walk " * 400)
     events, last = run(tiny_components("f1"), settings, image, tmp_path / "v.mp4")
     assert isinstance(last, Finished)
     assert any(isinstance(e, Notice) and "256" in e.message for e in events)

@@ -554,7 +554,7 @@ def _source_flags(tiny_sources, model: str = "framepack") -> list[str]:
 
 
 LONG = GenerationSettings(prompt="a slow pan across the hills", seconds=4, window=2, steps=1, resolution=64,
-                          seed=21, teacache=False)
+                          seed=21, cache="none")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_bad_device_attention_or_sources_are_refused_before_anything_loads(tiny_
 
 def test_a_job_through_the_runtime_equals_the_pipeline_on_the_same_components(tiny_sources, tiny_components,
                                                                                fast, image, tmp_path):
-    settings = fast.replace(model="f1", teacache=False)
+    settings = fast.replace(model="f1", cache="none")
     runtime = Runtime(tiny_sources, device="cpu", attention="sdpa")
     events = list(runtime.generate(settings, image, tmp_path / "a.mp4", save_latents=tmp_path / "a.st"))
     assert isinstance(events[-1], Finished), events[-1]

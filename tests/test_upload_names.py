@@ -20,6 +20,9 @@ from appkit import call_raw, form, progress_state, running_app
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is needed to drive the app")
 from gradio_client import Client, handle_file  # noqa: E402
 
+# the app over HTTP: run with the full suite, not the quick one
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def app_in_its_folder(tiny_sources, tmp_path_factory):

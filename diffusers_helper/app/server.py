@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require a login from this file: one USER:PASSWORD per line (# starts a comment)")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default web browser")
     parser.add_argument("--outputs", default="outputs", metavar="DIR", help="folder for the videos and their settings (default: outputs)")
+    parser.add_argument("--lora-dir", default="loras", metavar="DIR",
+                        help="folder whose .safetensors LoRAs the page offers (default: loras)")
     add_settings_arguments(parser, ["model"], defaults={"model": "framepack"},
                            help={"model": "model selected when the page opens; --transformer applies to it"})
     add_source_arguments(parser, per_variant=True)
@@ -56,6 +58,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         device=args.device,
         vram=args.vram,
         attention=args.attention,
+        compile=args.compile,
+        lora_dir=Path(args.lora_dir).expanduser(),
         defaults=GenerationSettings(model=args.model),
     )
 
@@ -71,6 +75,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     try:
         resolve_attention(args.attention, resolve_device(args.device))
+        if args.compile:
+            from ..compiled import check_compile
+
+            check_compile(resolve_device(args.device))
         args.credentials = read_credentials(args.auth, args.auth_file)
     except ValueError as exc:
         parser.error(str(exc))

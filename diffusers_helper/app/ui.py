@@ -27,8 +27,11 @@ import numpy as np
 from ..jobs import BusyError, FramePackRunner, Job, JobQueue, JobRequest
 from ..outputs import OutputPaths, list_outputs, read_output
 from ..runtime import Runtime
-from ..settings import MODEL_VARIANTS, RANGES, SAMPLER_VARIANTS, GenerationSettings, ModelSources
+from ..settings import (MODEL_VARIANTS, RANGES, SAMPLER_VARIANTS, START_COLORS, GenerationSettings, ModelSources,
+                        SettingsError, checked_loras)
 from ..variants import display_name
+from .loras import (LORA_FIELDS, check_page_loras, lora_controls, lora_form_values, loras_from_form, past_lora_values,
+                    wire_loras)
 from .views import PREVIEW_HEIGHT, JobView, VideoSnapshots, idle_html
 
 logger = logging.getLogger(__name__)
@@ -59,11 +62,30 @@ MODEL_SWITCH_NOTE = (
     "image encoder stay loaded."
 )
 
-# The form's fields, in the order of the generation endpoint's inputs (after the image).
+# Keyframe slots on the page (the command line and the API's settings take any number).
+MAX_KEYFRAMES = 4
+# The form's image inputs besides the start image: the end frame, then each keyframe slot's image and time.
+IMAGE_FIELDS = ("end_image",) + tuple(f"keyframe{n}_{part}" for n in range(1, MAX_KEYFRAMES + 1)
+                                      for part in ("image", "time"))
+# The form's speed settings under Advanced: MagCache's rule and fp8 weights (`_speed_controls`).
+SPEED_FIELDS = ("magcache_threshold", "magcache_k", "magcache_retention", "fp8")
+# What each step cache choice does, for the page.
+CACHE_LABELS = (("None: compute every step", "none"), ("TeaCache", "teacache"), ("MagCache", "magcache"))
+# The form's fields, in the order of the generation endpoint's inputs (after the image); new ones go at the end.
 FORM_FIELDS = (
     "prompt", "model", "seed", "seconds", "steps", "distilled_cfg", "gpu_memory_preservation", "crf",
-    "teacache", "negative_prompt", "cfg", "cfg_rescale", "window", "resolution", "sampler",
+    "cache", "negative_prompt", "cfg", "cfg_rescale", "window", "resolution", "sampler",
+    "end_strength", "prompt_blend", "text_to_video", "start_color", "aspect", *IMAGE_FIELDS,
+    *SPEED_FIELDS, *LORA_FIELDS,
 )
+# Aspect ratios offered for text-to-video (the command line takes any W:H).
+ASPECTS = ("16:9", "4:3", "1:1", "3:4", "9:16")
+TIMED_PROMPT_HELP = ("Prompts over time: `[0s: a cat sits] [2.5s: the cat jumps]` changes the prompt at 2.5 s; "
+                     "`[1s-2s: ...]` holds from 1 s to 2 s, then the prompt before returns. Each section uses the "
+                     "prompt in force at its start (a section is Latent Window Size × 4 / 30 s long).")
+END_FRAME_NOTE = MappingProxyType({
+    "framepack": "The video is generated back from this frame towards the start image.",
+    "f1": "FramePack-F1 generates forward from the start image, so it has no end frame."})
 
 # How often the progress text refreshes while no event arrives (time remaining, queue wait).
 IDLE_REFRESH_S = 1.0
@@ -88,6 +110,8 @@ class AppConfig:
     device: str = "auto"
     vram: str = "auto"
     attention: str = "auto"
+    compile: bool = False  # torch.compile the transformer's blocks
+    lora_dir: Path = Path("loras")  # the LoRA picker lists this folder's .safetensors files
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -96,8 +120,37 @@ class AppConfig:
 
 
 def settings_from_form(values: dict[str, Any]) -> GenerationSettings:
-    """Validated settings from the form's values; SettingsError says what is wrong."""
-    return GenerationSettings(**values)
+    """Validated settings from the form's values (the end image and keyframe slots included); SettingsError if wrong."""
+    values = dict(values)
+    keyframes = []
+    for n in range(1, MAX_KEYFRAMES + 1):
+        image, seconds = values.pop(f"keyframe{n}_image", None), values.pop(f"keyframe{n}_time", None)
+        if image in (None, ""):
+            continue
+        if seconds in (None, ""):
+            raise SettingsError(f"Keyframe {n} has an image but no time: give the second it should appear at.")
+        keyframes.append((seconds, str(image)))
+    values["loras"] = loras_from_form(values)  # the picked names and their weight slots
+    return GenerationSettings(**values, keyframes=tuple(keyframes))
+
+
+def form_values(settings: GenerationSettings, folder: Optional[Path] = None) -> dict[str, Any]:
+    """The form's values for settings (image names in a record are resolved against its `folder`)."""
+    values = settings.to_dict()
+
+    def image(name: Optional[str]):
+        if not name:
+            return None
+        path = Path(name) if folder is None or Path(name).is_absolute() else Path(folder) / name
+        return str(path) if path.is_file() else None
+
+    values["end_image"] = image(settings.end_image)
+    slots = list(settings.keyframes)[:MAX_KEYFRAMES]
+    for n in range(1, MAX_KEYFRAMES + 1):
+        seconds, name = slots[n - 1] if n <= len(slots) else (None, None)
+        values[f"keyframe{n}_image"], values[f"keyframe{n}_time"] = image(name), seconds
+    values.update(lora_form_values(settings.loras))
+    return {name: values[name] for name in FORM_FIELDS}
 
 
 def load_start_image(image: Any) -> np.ndarray:
@@ -231,9 +284,10 @@ def form_handler(handler: Callable[..., Iterator]) -> Callable[..., Iterator]:
         yield from handler(image, dict(zip(FORM_FIELDS, values)), _owner(request))
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    # default None: an API client may leave any input out (one the page shows empty, such as an image, too)
     call.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, kind) for name in ("image", *FORM_FIELDS)]
-        + [inspect.Parameter("request", kind, annotation=gr.Request)])
+        [inspect.Parameter(name, kind, default=None) for name in ("image", *FORM_FIELDS)]
+        + [inspect.Parameter("request", kind, default=None, annotation=gr.Request)])
     call.__annotations__ = {"request": gr.Request}  # Gradio finds the request parameter by its type hint
     return call
 
@@ -248,7 +302,8 @@ class Page:
     def __init__(self, config: AppConfig):
         self.config = config
         self.outputs = Path(config.outputs)
-        self.runtime = Runtime(config.sources, device=config.device, vram=config.vram, attention=config.attention)
+        self.runtime = Runtime(config.sources, device=config.device, vram=config.vram, attention=config.attention,
+                               compile=config.compile, lora_dir=config.lora_dir)
         self.runner = FramePackRunner(self.runtime, self.outputs)
         self.jobs = JobQueue(self.runner)
         self.snapshots = VideoSnapshots()
@@ -260,12 +315,19 @@ class Page:
 
     def generate(self, image, values: dict[str, Any], owner: Optional[str]) -> Iterator[tuple]:
         """Start a job and stream it: (latest video, preview, progress, final video, Start, End) updates."""
+        from ..pipeline import check_images
+
         # 1. Check the user's input; a mistake is a message, and Start was never disabled.
-        pixels = load_start_image(image)
         try:
             settings = settings_from_form(values)
         except ValueError as exc:
             raise gr.Error(str(exc), title="Invalid setting", print_exception=False) from None
+        pixels = None if settings.text_to_video else load_start_image(image)
+        try:
+            check_images(settings, pixels)  # the end image and keyframes
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Not a usable image", print_exception=False) from None
+        check_page_loras(self.runtime, settings, self.config.lora_dir)
         # 2. Queue the job; this page's End and a closed tab find it by its owner (the session).
         yield from self.stream(self._submit(JobRequest(settings, pixels), owner), settings)
 
@@ -281,7 +343,7 @@ class Page:
             if output in self.busy_outputs():
                 raise gr.Error(f"{item.stem} is being generated right now.", title="Busy", print_exception=False)
             try:
-                state = load_resume_state(output)
+                state = self.runtime.resume_loras(load_resume_state(output))  # the same LoRA files, or why not
             except ValueError as exc:
                 raise gr.Error(str(exc), title="Can't resume", print_exception=False) from None
             job = self._submit(JobRequest(state.settings, None, resume=output), owner)
@@ -370,13 +432,24 @@ class Page:
         if item is None:
             raise gr.Error("Choose a past output first.", print_exception=False)
         try:
-            settings = GenerationSettings.from_dict(
-                {k: v for k, v in item.settings.items() if k in GenerationSettings.__dataclass_fields__})
+            settings = GenerationSettings.from_dict(item.settings, ignore_unknown=True)
         except ValueError as exc:
             raise gr.Error(f"Its settings cannot be used: {exc}", print_exception=False) from None
-        values = settings.to_dict()
+        values = form_values(settings, item.sidecar.parent)
+        values.update(past_lora_values(self.runtime, item.record, settings.loras, self.config.lora_dir))
         image_value = str(item.input_image) if item.input_image else gr.skip()
         return (image_value, *[values[name] for name in FORM_FIELDS])
+
+    def past_lora_names(self, stem: Optional[str]) -> list[str]:
+        """The names of a past job's LoRAs that are in the LoRA folder (the picks Load these settings makes)."""
+        item = self.find_past(stem) if stem else None
+        if item is None:
+            return []
+        try:
+            names = lora_form_values(checked_loras(item.settings.get("loras") or ()))["loras"]
+        except ValueError:
+            return []
+        return [name for name in names if (Path(self.config.lora_dir) / name).is_file()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +489,8 @@ def layout(d: GenerationSettings, interrupted: list) -> SimpleNamespace:
             c.load_settings = gr.Button("Load these settings and start image into the form")
             c.resume = gr.Button("Resume this job", interactive=False, elem_id="fp-resume")
     for name, component in c.form.items():
-        if name not in ("prompt", "negative_prompt"):
+        # uploads keep Gradio's own handling (it moves them into its upload folder); text needs no check
+        if name not in ("prompt", "negative_prompt", "end_image") and not name.endswith("_image"):
             checked_by_settings(component)
     return c
 
@@ -429,6 +503,7 @@ def _form_column(c: SimpleNamespace, d: GenerationSettings) -> None:
         height=320, elem_id="fp-image"))
     f["prompt"] = gr.Textbox(label="Prompt", value=d.prompt, lines=2, elem_id="fp-prompt",
                              placeholder="Describe the motion, e.g. “The man dances energetically.”")
+    gr.Markdown(TIMED_PROMPT_HELP, elem_id="fp-prompt-help")
     c.examples = gr.Dataset(label="Example prompts (click one to use it)", components=[f["prompt"]],
                             samples=[[p] for p in EXAMPLE_PROMPTS], samples_per_page=len(EXAMPLE_PROMPTS))
     f["model"] = gr.Radio(label="Model", choices=[(display_name(m), m) for m in MODEL_VARIANTS],
@@ -438,8 +513,9 @@ def _form_column(c: SimpleNamespace, d: GenerationSettings) -> None:
         c.start = gr.Button("Start Generation", variant="primary", elem_id="fp-start")
         c.end = gr.Button("End Generation", variant="stop", interactive=False, elem_id="fp-end")
     with gr.Group():
-        f["teacache"] = gr.Checkbox(label="Use TeaCache", value=d.teacache,
-                                    info="Skips transformer work on steps that change little: about twice as fast, small details can suffer.")
+        f["cache"] = gr.Dropdown(label="Step cache", choices=list(CACHE_LABELS), value=d.cache, elem_id="fp-cache",
+                                 info="Skips transformer work on steps that change little: about twice as fast, "
+                                      "small details can suffer. MagCache's settings are under Advanced.")
         with gr.Row(equal_height=True):
             f["seed"] = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, scale=4, elem_id="fp-seed")
             c.randomize = gr.Button("Random seed", scale=1, size="sm")
@@ -452,6 +528,8 @@ def _form_column(c: SimpleNamespace, d: GenerationSettings) -> None:
             info="Memory kept free for the computation when models are streamed; raise it after an out-of-memory error (slower).")
         f["crf"] = slider("crf", "MP4 Compression", d.crf,
                           info="H.264 quality: lower is better and larger; 0 and 1 give the same result (the browser-safe best).")
+    _creative_controls(c, d)
+    lora_controls(c, d)
     with gr.Accordion("Advanced", open=False):
         f["negative_prompt"] = gr.Textbox(label="Negative Prompt", value=d.negative_prompt,
                                           info="Only used when CFG Scale is above 1.")
@@ -462,6 +540,53 @@ def _form_column(c: SimpleNamespace, d: GenerationSettings) -> None:
         f["resolution"] = slider("resolution", "Resolution", d.resolution,
                                  info="The image is fitted to the nearest bucket of about this size.")
         f["sampler"] = gr.Radio(label="Sampler variant (UniPC)", choices=list(SAMPLER_VARIANTS), value=d.sampler)
+        _speed_controls(f, d)
+
+
+def _speed_controls(f: dict, d: GenerationSettings) -> None:
+    """MagCache's rule (used when the step cache is MagCache) and fp8 weights."""
+    with gr.Group():
+        f["magcache_threshold"] = slider("magcache_threshold", "MagCache Threshold", d.magcache_threshold,
+                                         info="Higher skips more steps (faster); lower stays closer to every step computed.")
+        f["magcache_k"] = slider("magcache_k", "MagCache K", d.magcache_k, info="At most this many steps skipped in a row.")
+        f["magcache_retention"] = slider("magcache_retention", "MagCache Retention", d.magcache_retention,
+                                         info="This first fraction of the steps is always computed.")
+    f["fp8"] = gr.Checkbox(label="fp8 transformer weights", value=d.fp8, elem_id="fp-fp8",
+                           info="Stores the attention and MLP weights in 8 bits: about a third less GPU memory and "
+                                "streaming, slightly different video. Switching reloads the transformer.")
+
+
+def _creative_controls(c: SimpleNamespace, d: GenerationSettings) -> None:
+    """End frame, keyframes, prompt blending and text-to-video."""
+    f = c.form
+    with gr.Accordion("End frame, keyframes, text-to-video", open=False, elem_id="fp-creative"):
+        with gr.Row():
+            f["end_image"] = report_unreadable_images(gr.Image(
+                label="End frame (FramePack only)", type="filepath", image_mode=None, format="png", height=160,
+                sources=["upload", "clipboard"], interactive=d.model == "framepack", elem_id="fp-end-image"))
+            with gr.Column():
+                f["end_strength"] = slider("end_strength", "End Frame Strength", d.end_strength,
+                                           info="0 ignores the end frame; 1 uses it fully.")
+                c.end_note = gr.Markdown(END_FRAME_NOTE[d.model])
+        gr.Markdown("**Keyframes**: images the video passes through, each from its time on (in seconds). "
+                    "Clear an image to remove its keyframe.")
+        with gr.Row():
+            for n in range(1, MAX_KEYFRAMES + 1):
+                with gr.Column(min_width=120):
+                    f[f"keyframe{n}_image"] = report_unreadable_images(gr.Image(
+                        label=f"Keyframe {n}", type="filepath", image_mode=None, format="png", height=120,
+                        sources=["upload", "clipboard"], elem_id=f"fp-keyframe{n}"))
+                    f[f"keyframe{n}_time"] = gr.Number(label="at second", value=None, minimum=0,
+                                                       elem_id=f"fp-keyframe{n}-time")
+        f["prompt_blend"] = slider("prompt_blend", "Prompt Blend (sections)", d.prompt_blend,
+                                   info="Over how many sections a timed prompt change is blended in (0: at once).")
+        with gr.Row():
+            f["text_to_video"] = gr.Checkbox(label="Text-to-video: start from a plain frame instead of an image",
+                                             value=d.text_to_video, elem_id="fp-text-to-video")
+            f["start_color"] = gr.Dropdown(label="Start frame colour", choices=list(START_COLORS), value=d.start_color,
+                                           allow_custom_value=True)  # #RRGGBB too; the settings check it
+            f["aspect"] = gr.Dropdown(label="Aspect ratio", choices=list(ASPECTS), value=d.aspect,
+                                      allow_custom_value=True)
 
 
 def wire(page: Page, demo: gr.Blocks, c: SimpleNamespace) -> None:
@@ -490,14 +615,18 @@ def wire(page: Page, demo: gr.Blocks, c: SimpleNamespace) -> None:
     c.examples.click(lambda sample: sample[0], inputs=c.examples, outputs=c.form["prompt"],
                      api_visibility="private", queue=False)
     c.randomize.click(lambda: secrets.randbelow(2**32), outputs=c.form["seed"], api_visibility="private", queue=False)
-    c.form["model"].change(lambda m: f"{MODEL_HELP.get(m, '')}\n\n{MODEL_SWITCH_NOTE}", inputs=c.form["model"],
-                           outputs=c.model_help, api_visibility="private", queue=False)
+    c.form["model"].change(lambda m: (f"{MODEL_HELP.get(m, '')}\n\n{MODEL_SWITCH_NOTE}",
+                                      gr.update(interactive=m == "framepack") if m == "framepack"
+                                      else gr.update(interactive=False, value=None), END_FRAME_NOTE.get(m, "")),
+                           inputs=c.form["model"], outputs=[c.model_help, c.form["end_image"], c.end_note],
+                           api_visibility="private", queue=False)
 
     c.refresh.click(page.past_choices, inputs=c.past, outputs=c.past, api_name="list_outputs")
     c.past.change(page.show_past, inputs=c.past, outputs=[c.past_video, c.past_settings, c.resume],
                   api_name="show_output")
     c.load_settings.click(page.load_past, inputs=c.past, outputs=[c.image, *form_inputs], api_name="load_settings")
     demo.load(page.past_choices, outputs=c.past, api_visibility="private")
+    wire_loras(page, c, demo)
 
 
 def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, Optional
 import gradio as gr
 import numpy as np
 
-from ..events import Advice, Cancelled, Failed, Finished, Notice, SectionDone, Stage, StageName, StepProgress, with_advice
+from ..events import (Advice, Cancelled, Failed, Finished, Notice, SectionDone, SectionStarted, Stage, StageName,
+                      StepProgress, with_advice)
 from ..jobs import Queued
 from ..settings import VIDEO_FPS, GenerationSettings
 
@@ -44,6 +45,23 @@ def describe_failure(event: Failed) -> str:
     return with_advice(event.message, event.advice, ADVICE_WORDING)
 
 
+def describe_section(event: SectionStarted) -> str:
+    """'Prompt: “…” · anchor: the start image' for the section being sampled (a blend names both prompts)."""
+    prompt = f"“{_short(event.prompt)}”"
+    if event.blend_from is not None:
+        prompt = f"“{_short(event.blend_from)}” → {prompt} ({event.blend:.0%})"
+    anchor = "the start image"
+    if event.anchor != "start":
+        number = event.anchor.removeprefix("keyframe")
+        anchor = f"keyframe {number}" + (f" ({event.anchor_seconds:g} s)" if event.anchor_seconds is not None else "")
+    return f"Prompt: {prompt} · anchor: {anchor}"
+
+
+def _short(text: str, length: int = 60) -> str:
+    text = " ".join(text.split()) or "(no prompt)"
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
 class ProgressView:
     """What one job has done so far, and its progress bar as HTML."""
 
@@ -57,6 +75,7 @@ class ProgressView:
         self.frames = 0
         self.sampling_started: Optional[float] = None
         self.notices: list[str] = []  # things the user should know about the result (a cut prompt)
+        self.section: Optional[str] = None  # what conditions the section being sampled
 
     def update(self, event) -> None:
         """Take one event of the job into account."""
@@ -75,6 +94,8 @@ class ProgressView:
             self.message = event.message
             if event.name is StageName.SAMPLING and self.sampling_started is None:
                 self.sampling_started = self.clock()
+        elif isinstance(event, SectionStarted):
+            self.section = describe_section(event)
         elif isinstance(event, StepProgress):
             self.state = "running"
             self.step = event
@@ -141,6 +162,8 @@ class ProgressView:
             f'<div class="fp-progress-fill" style="width:{percent:.1f}%;height:100%;background:{colour};transition:width .3s"></div>'
             f"</div>"
             f'<div class="fp-progress-detail" style="margin-top:4px;font-size:.9em;opacity:.85">{html.escape(detail)}</div>'
+            + (f'<div class="fp-progress-section" style="margin-top:4px;font-size:.9em">{html.escape(self.section)}</div>'
+               if self.section and self.state == "running" else "")
             + "".join(f'<div class="fp-progress-notice" style="margin-top:4px;font-size:.9em">Note: {html.escape(n)}</div>'
                       for n in self.notices)
             + "</div>"

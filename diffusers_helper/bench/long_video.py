@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", default="10,30,60", help="comma-separated video lengths in seconds (each 1-120)")
     add_settings_arguments(parser, ("model", "resolution", "window", "steps", "crf"), defaults={"steps": "2"},
                            help={"steps": "sampling steps per section (default 2)"})
-    add_runtime_arguments(parser, device_default="cpu")
+    add_runtime_arguments(parser, device_default="cpu", compile_flag=False)
     parser.add_argument("--output-dir", metavar="DIR", help="where the videos are written (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated videos (deleted by default)")
     add_source_arguments(parser)
@@ -138,7 +138,7 @@ def parse_lengths(text: str) -> list[float]:
 
 def settings_for(args, seconds: float):
     """The GenerationSettings of one bench video (TeaCache off: every step is computed)."""
-    return settings_from_args(args, prompt=PROMPT, seconds=seconds, teacache=False)
+    return settings_from_args(args, prompt=PROMPT, seconds=seconds, cache="none")
 
 
 def video_name(model: str, seconds: float) -> str:

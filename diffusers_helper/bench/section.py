@@ -12,7 +12,9 @@ document:
   the pinned staging buffers) and peak RSS;
 - bytes copied from CPU to GPU (weights made resident or streamed);
 - the transformer's achieved FLOP rate as a fraction of the GPU's dense bf16 peak, its FLOPs counted
-  analytically from the architecture and the token counts the blocks really saw.
+  analytically from the architecture and the token counts the blocks really saw;
+- with the speed options (`--cache none|teacache|magcache`, `--fp8`, `--compile`): the sampling steps
+  computed and skipped, and the transformer's bytes streamed per step in low-VRAM mode.
 
 `--tiny` uses the tiny architectures instead (seconds on a CPU), through the same code.
 `--vram-limit-gb` caps PyTorch's allocator (`torch.cuda.set_per_process_memory_fraction`), so a big
@@ -60,12 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram-limit-gb", type=float, metavar="GB", help="act as a GPU with this much memory (CUDA)")
     sized = {name: f"(default {FULL_JOB[name]}; {TINY_JOB[name]} with --tiny)" for name in FULL_JOB}
     add_settings_arguments(
-        parser, ("model", "resolution", "window", "steps", "teacache", "gpu_memory_preservation"),
-        defaults={"teacache": False}, aliases={"gpu_memory_preservation": ("--preserve-gb",)},
+        parser, ("model", "resolution", "window", "steps", "cache", "magcache_threshold", "magcache_k",
+                 "magcache_retention", "magcache_ratios", "fp8", "gpu_memory_preservation"),
+        defaults={"cache": "none"}, aliases={"gpu_memory_preservation": ("--preserve-gb",)},
         help={"resolution": f"bucket resolution {sized['resolution']}",
               "window": f"latent window size {sized['window']}",
               "steps": f"sampling steps {sized['steps']}",
-              "teacache": "skip steps with TeaCache (off: every step computes)"})
+              "cache": "step cache: none (the default here: every step computes), teacache or magcache"})
     parser.add_argument("--weights-dir", metavar="DIR",
                         help="where the random-weight models are written and reused (default: a cache folder; "
                              "a temporary one with --tiny)")
@@ -84,6 +87,7 @@ class Request:
     attention: str
     vram_limit_gb: Optional[float] = None
     peak_tflops: Optional[float] = None
+    compile: bool = False
 
 
 def run(args) -> int:
@@ -134,9 +138,10 @@ def _check(args):
     settings = settings.replace(seconds=max(1.0, settings.window * 4 / VIDEO_FPS))
     # the tiny models are for the CPU unless a device is asked for
     device = "cpu" if args.tiny and args.device == "auto" else args.device
-    # resolves the device and the attention kernel now, before any model is written; the sources (the
-    # weights folder, which depends on the device) are the child's to open
-    runtime = Runtime(ModelSources(), device=device, vram=args.mode, attention=args.attention)
+    # resolves the device, the attention kernel and whether it can compile now, before any model is
+    # written; the sources (the weights folder, which depends on the device) are the child's to open
+    runtime = Runtime(ModelSources(), device=device, vram=args.mode, attention=args.attention,
+                      compile=bool(args.compile))
     if args.vram_limit_gb is not None:
         if runtime.device.type not in ("cuda", "cpu"):
             raise ValueError("--vram-limit-gb needs a CUDA device (or the CPU, where it is a stand-in budget).")
@@ -144,7 +149,7 @@ def _check(args):
             raise ValueError(f"--vram-limit-gb must be more than 0, not {args.vram_limit_gb:g}.")
     request = Request(settings=settings, weights_dir="", tiny=bool(args.tiny), device=str(runtime.device),
                       mode=args.mode, attention=args.attention, vram_limit_gb=args.vram_limit_gb,
-                      peak_tflops=args.peak_tflops)
+                      peak_tflops=args.peak_tflops, compile=bool(args.compile))
     return request, runtime.device
 
 
@@ -159,7 +164,8 @@ class _Section:
     events: list = field(default_factory=list)  # (perf_counter time, event)
     end: float = 0.0  # when the first section was done
     tokens: dict = field(default_factory=dict)  # image and text tokens as the blocks see them
-    forwards: int = 0  # transformer calls that really computed (TeaCache may skip)
+    forwards: int = 0  # transformer calls that really computed (a step cache may skip)
+    sampling_streamed: list = field(default_factory=list)  # streamed bytes when sampling starts and ends
 
 
 def measure(request: Request) -> dict | int:
@@ -171,7 +177,7 @@ def measure(request: Request) -> dict | int:
     sampler = MemorySampler(SAMPLE_SECONDS).start()
     runtime, limit = _open(request)
     started = time.perf_counter()
-    components = runtime.components(request.settings.model)
+    components = runtime.components(request.settings.model, fp8=request.settings.fp8)
     load_seconds = time.perf_counter() - started
     needs, bucket = _place(runtime, components, request, limit)
     run = _first_section(runtime, components, request.settings)
@@ -187,13 +193,15 @@ def measure(request: Request) -> dict | int:
         "tiny": request.tiny, "device": str(device), "gpu": gpu, "mode": runtime.placement.mode.value,
         "attention": runtime.attention, "model": request.settings.model, "resolution": request.settings.resolution,
         "bucket": list(bucket), "window": request.settings.window, "steps": request.settings.steps,
-        "teacache": request.settings.teacache, "vram_limit_gb": request.vram_limit_gb,
+        "cache": request.settings.cache, "fp8": request.settings.fp8, "compile": request.compile,
+        "vram_limit_gb": request.vram_limit_gb,
         "preserve_gb": request.settings.gpu_memory_preservation,
         "dtypes": {k: str(v).replace("torch.", "") for k, v in components.dtypes.items()},
         "load_seconds": round(load_seconds, 3),
         **_timings(run, request.settings),
         **_memory(runtime.placement, sampler),
         **_flops(run, components.transformer.config, request, gpu),
+        **_steps(run, request.settings),
         "estimated_needs": {"low_device_bytes": needs.low_device_bytes, "high_device_bytes": needs.high_device_bytes,
                             "ram_bytes": needs.ram_bytes, "stages": needs.stages},
     }
@@ -208,7 +216,7 @@ def _open(request: Request):
     from ..tiny import sources_at
 
     runtime = Runtime(sources_at(Path(request.weights_dir)), device=request.device, vram=request.mode,
-                      attention=request.attention)
+                      attention=request.attention, compile=request.compile)
     limit = int(request.vram_limit_gb * GIB) if request.vram_limit_gb is not None else None
     if runtime.device.type == "cuda":
         apply_memory_limit(runtime.device, limit)
@@ -245,7 +253,9 @@ def _streaming_budget(transformer) -> int:
 
 def _first_section(runtime, components, settings) -> _Section:
     """Run the job until its first section is done, then cancel it; the events, timed, and the transformer's probe."""
-    from ..events import CancelToken, SectionDone
+    import torch
+
+    from ..events import CancelToken, SectionDone, Stage, StageName
     from ..pipeline import run_job
 
     run = _Section()
@@ -255,6 +265,8 @@ def _first_section(runtime, components, settings) -> _Section:
         run.tokens.setdefault("image", int(block_args[0].shape[1]))
         run.tokens.setdefault("text", int(block_args[1].shape[1]))
 
+    # not traced into a compiled block (--compile): counting there would recompile the block at every call
+    @torch.compiler.disable
     def computed(*_) -> None:
         run.forwards += 1
 
@@ -263,6 +275,11 @@ def _first_section(runtime, components, settings) -> _Section:
     def emit(event) -> None:
         now = time.perf_counter()
         run.events.append((now, event))
+        if isinstance(event, Stage):
+            # the transformer streams between the first section's sampling stage and the next stage (decoding)
+            sampling = event.name is StageName.SAMPLING
+            if (sampling and not run.sampling_streamed) or (not sampling and len(run.sampling_streamed) == 1):
+                run.sampling_streamed.append(runtime.placement.stats.streamed_bytes)
         if isinstance(event, SectionDone) and not run.end:
             run.end = now
             cancel.cancel()  # the job stops at its next check, before the second section samples
@@ -375,6 +392,20 @@ def _flops(run: _Section, config, request: Request, gpu: Optional[str]) -> dict[
         "transformer_tflops_achieved": round(achieved / 1e12, 4) if achieved else None,
         "bf16_peak_tflops": round(peak / 1e12, 1) if peak else None,
         "bf16_peak_fraction": round(achieved / peak, 4) if (achieved and peak) else None,
+    }
+
+
+def _steps(run: _Section, settings) -> dict[str, Any]:
+    """Sampling steps computed and skipped in the first section, and the transformer's bytes streamed per step."""
+    calls_per_step = 1 if settings.cfg == 1 else 2
+    computed = run.forwards // calls_per_step
+    start, end = (run.sampling_streamed + [None, None])[:2]
+    streamed = end - start if start is not None and end is not None else None
+    return {
+        "steps_computed": computed,
+        "steps_skipped": settings.steps - computed,
+        "bytes_streamed_sampling": streamed,
+        "bytes_streamed_per_step": round(streamed / settings.steps) if streamed is not None else None,
     }
 
 
