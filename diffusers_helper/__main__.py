@@ -1,4 +1,4 @@
-"""Command line: `python -m diffusers_helper generate|resume|tiny-models|bench|bench-long ...` (also `framepack ...`).
+"""Command line: `python -m diffusers_helper generate|resume|extend|batch|tiny-models|bench|bench-long ...` (also `framepack ...`).
 
 Each subcommand is a few lines over `options` (flags, the one-line user error) and `runtime`
 (opening the models). Nothing imports this module.
@@ -53,6 +53,14 @@ def build_parser() -> OneLineParser:
                      help="where to look for the job's LoRAs by file name when they are no longer where it found "
                           "them (default: loras)")
 
+    _add_extend_parser(sub)
+
+    from . import cli_batch
+
+    batch = sub.add_parser("batch", help="run a JSON or CSV file of jobs through the outputs folder's queue "
+                                         "(run it again to continue after a stop)")
+    cli_batch.add_arguments(batch)
+
     tiny = sub.add_parser("tiny-models", help="write tiny random-weight models in the official folder layouts")
     tiny.add_argument("dir", help="folder to write into")
     tiny.add_argument("--seed", type=int, default=0)
@@ -76,7 +84,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import section
 
         return section.run(args)
-    return {"generate": generate, "resume": resume, "tiny-models": tiny_models}[args.command](args)
+    if args.command == "batch":
+        from . import cli_batch
+
+        return cli_batch.run(args)
+    return {"generate": generate, "resume": resume, "extend": extend, "tiny-models": tiny_models}[args.command](args)
 
 
 def generate(args) -> int:
@@ -131,6 +143,51 @@ def resume(args) -> int:
     return code
 
 
+def _add_extend_parser(sub) -> None:
+    """`extend VIDEO --seconds S --output OUT.mp4 [any generate option]`."""
+    import dataclasses
+
+    from .settings import GenerationSettings
+
+    ext = sub.add_parser("extend", help="add seconds after the end of a video: one of ours (it goes on with its own "
+                                        "settings) or any MP4/WebM/MOV")
+    ext.add_argument("video", help="the video to extend (never changed)")
+    ext.add_argument("--output", required=True, help="the new MP4: the video's frames, then the new ones (never "
+                                                    "overwritten)")
+    ext.add_argument("--seconds", required=True, metavar="S", help="seconds to add after the video's end (above 0; "
+                                                                  "the whole video at most 120)")
+    add_settings_arguments(ext, [f.name for f in dataclasses.fields(GenerationSettings) if f.name != "seconds"], help={
+        "seed": "draw the new sections from this seed (default: one of our videos goes on with its own random "
+                "sequence, so FramePack-F1 gives the video it would have made that much longer)",
+        "prompt": "what should happen (default: one of our videos keeps its own; times count from the video's start)",
+        "model": "framepack or f1 (default: one of our videos keeps its own)"})
+    ext.add_argument("--save-latents", metavar="PATH", help="also write the whole video's latents (safetensors)")
+    ext.add_argument("--lora-dir", metavar="DIR", default="loras",
+                     help="a --lora given as a bare file name, or the video's own LoRAs when they moved, are looked "
+                          "for here (default: loras)")
+    add_runtime_arguments(ext)
+    add_source_arguments(ext)
+
+
+def extend(args) -> int:
+    """`extend`: check the video, the seconds, the settings and the output, open the models, extend it."""
+    from .extend import check_output, plan_extension
+    from .options import given_settings
+    from .runtime import Runtime
+
+    try:
+        extension = plan_extension(args.video, args.seconds, given_settings(args))
+        output = check_output(extension, args.output, args.save_latents)
+        runtime = Runtime(sources_from_args(args, extension.settings.model), device=args.device, vram=args.vram,
+                          attention=args.attention, compile=args.compile, lora_dir=args.lora_dir)
+        extension = runtime.extension_loras(extension)  # the video's own LoRA files, where they are now
+        runtime.check(extension.settings.model, extension.settings.loras)
+    except ValueError as exc:
+        return user_error(str(exc))
+    return _run(runtime, extension.settings, lambda cancel: runtime.extend(extension, output, cancel=cancel,
+                                                                           save_latents=args.save_latents))
+
+
 def tiny_models(args) -> int:
     """`tiny-models`: write the tiny random-weight models and print where each is."""
     from .tiny import write_tiny_models
@@ -167,7 +224,8 @@ def follow(events, settings, cancel) -> int:
         for event in events:
             if isinstance(event, StepProgress):
                 bar.step(event)
-            elif isinstance(event, Notice) or (isinstance(event, Stage) and event.name is StageName.RESUMING):
+            elif isinstance(event, Notice) or (isinstance(event, Stage) and event.name in (StageName.RESUMING,
+                                                                                           StageName.EXTENDING)):
                 bar.write(f"note: {event.message}")
             elif isinstance(event, SectionDone):
                 bar.write(f"section {event.section}/{event.sections}: {event.frames} frames -> {event.video_path}")

@@ -44,6 +44,7 @@ class StageName(str, enum.Enum):
     VAE_ENCODE = "vae_encode"  # the start image's latent
     IMAGE_ENCODER = "image_encoder"  # the start image's SigLIP embedding
     RESUMING = "resume"  # rebuilding what an interrupted job had finished
+    EXTENDING = "extend"  # reading the video an extension continues into the new one
     SAMPLING = "sampling"
     VAE_DECODE = "vae_decode"
     WRITING = "writing"

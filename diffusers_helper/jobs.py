@@ -3,9 +3,18 @@
 `JobQueue` runs one job at a time (a GPU holds one generation) on its worker thread. Every job
 has its own event queue and its own `CancelToken`, so a consumer only ever sees its own job's
 events; a job that waits is told its place in the line (`Queued`) whenever that changes.
-`FramePackRunner` is what the app's worker runs for a job: it picks a fresh output name and
-streams the job through the app's `Runtime` (which loads the models on first use and swaps the
-transformer when the model variant changes).
+
+There are two kinds of jobs. A page's job (`submit`: Start Generation, Resume) is followed by
+that page: it lives in memory, and it ends when its page goes away. A queued job (`enqueue`: Add
+to queue, batches, the `batch` command) lives in the outputs folder's queue file (`jobstore`):
+it survives closed pages, crashes and restarts, and any process sharing the folder may run it
+(the file decides which). Pages' jobs run first, in the order they came; queued jobs run in the
+queue's order when no page is waiting. A queued job whose process died is taken again first and
+continues from its last finished section.
+
+`FramePackRunner` is what the app's worker runs for a job: it picks a fresh output name (or
+continues a queued job's earlier attempt) and streams the job through the app's `Runtime` (which
+loads the models on first use and swaps the transformer when the model variant changes).
 
 Nothing here keeps module-level mutable state: the queue, the runtime and the output namer are
 objects that the app creates and owns.
@@ -15,23 +24,29 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
+import sqlite3
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .events import AdviceError, CancelToken, Cancelled, Event, Failed, Finished, JobCancelled, Stage, StageName
-from .outputs import OutputNamer, remove_stale_files
+from .events import (AdviceError, CancelToken, Cancelled, Event, Failed, Finished, JobCancelled, SectionDone, Stage,
+                     StageName, StepProgress)
+from .jobstore import ENDED, JobStore, NewJob, QueueFileError, StoredJob, process_identity
+from .outputs import OutputNamer, OutputPaths, busy_message, is_running, read_record, remove_stale_files
 from .runtime import Runtime
 from .settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
 TERMINAL = (Finished, Failed, Cancelled)
+# The worker looks at the queue file this often while idle (jobs queued by other processes, a died process's job).
+POLL_S = 1.0
 
 
 class BusyError(ValueError):
@@ -60,18 +75,30 @@ class JobRequest:
     settings: GenerationSettings
     image: Optional[np.ndarray]
     resume: Optional[Path] = None
+    extend: Optional[Any] = None  # an extend.Extension: the job extends a video instead (its settings are the above)
 
 
 class Job:
-    """One submitted generation: its request, cancel token and private event stream."""
+    """One submitted generation: its request, cancel token and private event stream.
 
-    def __init__(self, job_id: str, request: JobRequest, owner: Optional[str]):
+    A queued job also has its row in the queue file (`stored_id`) and, once named, its output;
+    `keep_events=False` keeps only its last event (nobody follows it: the page's queue panel
+    reads `last_step` and the file instead).
+    """
+
+    def __init__(self, job_id: str, request: JobRequest, owner: Optional[str], *, stored_id: Optional[int] = None,
+                 output: Optional[Path] = None, keep_events: bool = True):
         self.id = job_id
         self.request = request
         self.owner = owner
+        self.stored_id = stored_id
+        self.output = output  # the final video path, once the job has one
         self.cancel_token = CancelToken()
         self.submitted = time.monotonic()
         self.result: Optional[Event] = None
+        self.last_step: Optional[StepProgress] = None
+        self._keep = keep_events
+        self._on_output: Optional[Callable[[Path], None]] = None
         self._events: "deque[JobEvent]" = deque()
         self._ready = threading.Condition()
 
@@ -86,6 +113,12 @@ class Job:
     def cancel(self) -> None:
         """Ask the job to stop; a running job stops at its next sampling step."""
         self.cancel_token.cancel()
+
+    def bind_output(self, output: Path) -> None:
+        """The job writes `output` (its final video path): a queued job records it before writing anything."""
+        self.output = Path(output)
+        if self._on_output is not None:
+            self._on_output(self.output)
 
     def take(self, timeout: Optional[float] = None) -> list[JobEvent]:
         """Every event not taken yet, waiting up to `timeout` seconds (None: forever) for at least one."""
@@ -109,8 +142,12 @@ class Job:
         with self._ready:
             if self.result is not None:
                 return  # nothing follows the last event
+            if isinstance(event, StepProgress):
+                self.last_step = event
             if isinstance(event, TERMINAL):
                 self.result = event
+            elif not self._keep:
+                return
             self._events.append(event)
             self._ready.notify_all()
 
@@ -119,22 +156,44 @@ Runner = Callable[[Job], Iterable[Event]]
 
 
 class JobQueue:
-    """First-in, first-out jobs run one at a time by a worker thread started on the first submit."""
+    """Pages' jobs (first in, first out) and the queue file's jobs, run one at a time by a worker thread.
 
-    def __init__(self, runner: Runner, *, name: str = "framepack-worker"):
+    `store` is the outputs folder's queue file (None: pages' jobs only); this queue runs that file's
+    jobs of `pool` (the app's, or one `batch` command's). The worker starts on the first job, or at
+    once with a queue file: it looks at the file every `poll_s` seconds while idle (the jobs a
+    closed or killed app left, jobs another process queued).
+    """
+
+    def __init__(self, runner: Runner, *, store: Optional[JobStore] = None, pool: str = "app",
+                 name: str = "framepack-worker", poll_s: float = POLL_S):
         self._runner = runner
         self._name = name
+        self._store = store
+        self._pool = pool
+        self._poll_s = poll_s
         self._lock = threading.Condition()
         self._waiting: "deque[Job]" = deque()
         self._running: Optional[Job] = None
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self._closing = False  # a queued job stopped by close() is interrupted (resumed next time), not cancelled
         self._ids = itertools.count(1)
+        self._known: dict[int, Job] = {}  # queued jobs this process holds objects of, by row id
+        self._worker_id: Optional[str] = None
+        self._store_failed = False
+        self.problem: Optional[str] = None  # why the queue file can't be read, when it can't
+        if store is not None:  # the file may hold jobs already, or get some from another process
+            self._start_worker()
+
+    @property
+    def store(self) -> Optional[JobStore]:
+        """The queue file this queue runs jobs from (None: pages' jobs only)."""
+        return self._store
 
     # -- the consumer side ----------------------------------------------------------------------
 
     def submit(self, request: JobRequest, owner: Optional[str] = None) -> Job:
-        """Queue a job; `owner` (a browser session) may have only one job at a time."""
+        """Queue a page's job; `owner` (a browser session) may have only one job at a time."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("The job queue is closed.")
@@ -143,11 +202,32 @@ class JobQueue:
             job = Job(f"job-{next(self._ids)}", request, owner)
             self._waiting.append(job)
             self._tell_positions()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-                self._thread.start()
+            self._start_worker()
             self._lock.notify_all()
             return job
+
+    def enqueue(self, requests: Sequence[JobRequest], owner: Optional[str] = None, *, batch: Optional[str] = None,
+                follow: bool = False) -> list[Job]:
+        """Add jobs to the queue file, all or none; they survive restarts and run after pages' jobs.
+
+        `owner` (a user name or browser session) sees their prompts in the queue's list. With
+        `batch` (a key), a batch already in the file is not added again: its jobs are returned.
+        `follow`: the caller reads the jobs' events (else only their last event is kept).
+        """
+        if self._store is None:
+            raise RuntimeError("This job queue has no queue file.")
+        if any(getattr(request, "extend", None) is not None for request in requests):
+            raise ValueError("An extension can't be queued; start it from its video.")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("The job queue is closed.")
+        ids = self._store.add([NewJob(r.settings, r.image, r.resume) for r in requests], pool=self._pool,
+                              owner=owner, batch=batch)
+        jobs = [self._track(self._store.get(job_id), follow=follow) for job_id in ids]
+        with self._lock:
+            self._start_worker()
+            self._lock.notify_all()
+        return jobs
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a waiting one leaves the queue at once, a running one stops at its next step."""
@@ -157,9 +237,12 @@ class JobQueue:
                 self._waiting.remove(job)
                 job.post(Cancelled(video_path=None, frames=0))
                 self._tell_positions()
+                return
+        if job.stored_id is not None and self._store.cancel_waiting(job.stored_id):
+            job.post(Cancelled(video_path=None, frames=0))
 
     def cancel_owner(self, owner: str) -> int:
-        """Stop every job of `owner`; returns how many there were."""
+        """Stop every page's job of `owner`; returns how many there were."""
         with self._lock:
             jobs = [job for job in self._active() if job.owner == owner]
         for job in jobs:
@@ -167,7 +250,7 @@ class JobQueue:
         return len(jobs)
 
     def active(self, owner: Optional[str] = None) -> list[Job]:
-        """The running job then the waiting ones, optionally only `owner`'s."""
+        """The pages' jobs: the running one then the waiting ones, optionally only `owner`'s."""
         with self._lock:
             return [job for job in self._active() if owner is None or job.owner == owner]
 
@@ -179,49 +262,243 @@ class JobQueue:
             except ValueError:
                 return 0
 
+    @property
+    def running(self) -> Optional[Job]:
+        """The job this queue's worker is running now."""
+        return self._running
+
     def close(self, timeout: Optional[float] = 10.0) -> None:
-        """Cancel everything and stop the worker thread."""
+        """Cancel the pages' jobs and stop the worker thread; a queued job running now is interrupted (it
+        continues the next time a worker starts) and the waiting ones stay in the queue file."""
         with self._lock:
             self._closed = True
             jobs = self._active()
+            running = self._running
             self._lock.notify_all()
+        if running is not None and running.stored_id is not None:
+            self._closing = True
+            running.cancel()
         for job in jobs:
             self.cancel(job)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._store is not None:
+            self._store.close()
+
+    # -- the queue file's jobs ------------------------------------------------------------------
+
+    def queued(self, *, ended: int = 20) -> list[StoredJob]:
+        """The queue file's jobs: running, then waiting in their order, then the `ended` latest ended (none when
+        the file can't be read: that is logged, and the pages' jobs go on)."""
+        if self._store is None:
+            return []
+        try:
+            jobs = self._store.jobs(ended=ended)
+        except (sqlite3.Error, QueueFileError) as exc:
+            logger.error("the queue file can't be read: %s", exc)
+            self.problem = str(exc)
+            return []
+        self.problem = None
+        return jobs
+
+    def live(self, stored_id: int) -> Optional[Job]:
+        """This process's object of a queued job, if it holds one (its `last_step` is the running job's progress)."""
+        return self._known.get(stored_id)
+
+    def move(self, stored_id: int, offset: int) -> bool:
+        """Move a waiting queued job one place up (-1) or down (+1)."""
+        return self._store is not None and self._store.move(stored_id, offset)
+
+    def remove(self, stored_id: int) -> bool:
+        """Take a queued job that is not running out of the queue."""
+        if self._store is None or not self._store.remove(stored_id):
+            return False
+        job = self._known.pop(stored_id, None)
+        if job is not None:
+            job.cancel()
+            job.post(Cancelled(video_path=None, frames=0))
+        return True
+
+    def retry(self, stored_id: int) -> bool:
+        """Put a failed, cancelled or interrupted queued job back at the end of the line."""
+        if self._store is None or not self._store.retry(stored_id):
+            return False
+        self._known.pop(stored_id, None)  # its next run gets a fresh event stream
+        with self._lock:
+            self._start_worker()
+            self._lock.notify_all()
+        return True
+
+    def stop(self, stored_id: int) -> bool:
+        """Stop the queued job this process is running now (it keeps its finished sections and can be retried)."""
+        running = self._running
+        if running is None or running.stored_id != stored_id:
+            return False
+        running.cancel()
+        return True
+
+    def stored_outputs(self) -> set[Path]:
+        """Final video paths (in the queue file's folder, as this queue names it) that queued jobs are running or
+        will continue: not to be resumed by hand."""
+        busy = set()
+        for job in self.queued(ended=0):
+            busy.update(self._store.folder / path.name for path in (job.output, job.resume) if path is not None)
+        return busy
+
+    def batch_jobs(self, batch: str, follow: bool = True) -> list[Job]:
+        """The jobs of a batch in the queue file, as objects whose events this process can follow."""
+        return [self._track(row, follow=follow) for row in self._store.batch_jobs(batch)]
 
     # -- the worker side ------------------------------------------------------------------------
 
     def _active(self) -> list[Job]:
-        return ([self._running] if self._running is not None else []) + list(self._waiting)
+        running = [self._running] if self._running is not None and self._running.stored_id is None else []
+        return running + list(self._waiting)
+
+    def _start_worker(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+                self._thread.start()
 
     def _tell_positions(self) -> None:
         running = 1 if self._running is not None else 0
         for index, job in enumerate(self._waiting):
             job.post(Queued(position=index + 1, ahead=index + running))
 
+    def _track(self, row: StoredJob, follow: bool) -> Job:
+        """The Job object of a row of the queue file: the one this process holds already (the worker may have
+        taken the row first), else a new one (its images are read when it runs)."""
+        with self._lock:
+            job = self._known.get(row.id)
+            if job is not None:
+                job._keep = job._keep or follow
+                return job
+            job = Job(f"queued-{row.id}", JobRequest(row.generation_settings(), None, row.resume), row.owner,
+                      stored_id=row.id, output=row.output, keep_events=follow)
+            if row.state in ENDED:
+                job.post(_ended_event(row))
+            else:
+                self._known[row.id] = job
+            return job
+
+    def _identity(self) -> str:
+        if self._worker_id is None:
+            self._worker_id = f"{process_identity()}|{secrets.token_hex(4)}"
+        return self._worker_id
+
     def _work(self) -> None:
         while True:
-            with self._lock:
-                self._lock.wait_for(lambda: self._waiting or self._closed)
-                if self._closed and not self._waiting:
-                    return
-                job = self._waiting.popleft()
-                self._running = job
-                self._tell_positions()
+            job = self._next()
+            if job is None:
+                return
             try:
                 self._run(job)
             finally:
                 with self._lock:
                     self._running = None
+                    self._tell_positions()
+
+    def _next(self) -> Optional[Job]:
+        """The next job to run: a page's first, else one taken from the queue file; None once closed."""
+        while True:
+            with self._lock:
+                if self._waiting:
+                    job = self._waiting.popleft()
+                    self._running = job
+                    self._tell_positions()
+                    return job
+                if self._closed:
+                    return None
+            job = self._claim()
+            if job is not None:
+                with self._lock:
+                    if not self._closed:
+                        self._running = job
+                        self._tell_positions()
+                        return job
+                self._store.end(job.stored_id, "interrupted")  # closed meanwhile: it runs next time
+                return None
+            with self._lock:
+                self._lock.wait_for(lambda: self._waiting or self._closed, timeout=self._poll_s)
+
+    def _claim(self) -> Optional[Job]:
+        """Take the next job of this queue's pool from the queue file (after marking dead processes' jobs
+        interrupted)."""
+        store = self._store
+        if store is None or not store.exists():
+            return None
+        try:
+            store.recover()
+            self._sync_known()
+            row = store.claim(self._pool, self._identity())
+        except (sqlite3.Error, QueueFileError) as exc:
+            if not self._store_failed:  # said once; the worker keeps running the pages' jobs
+                logger.error("the queue file can't be read: %s", exc)
+                self._store_failed = True
+            return None
+        self._store_failed = False
+        if row is None:
+            return None
+        job = self._track(row, follow=False)
+        job.output = row.output
+        return job
+
+    def _sync_known(self) -> None:
+        """End the objects of queued jobs that another process ended or that left the queue."""
+        for stored_id, job in list(self._known.items()):
+            if job is self._running or job.done:
+                continue
+            row = self._store.get(stored_id)
+            if row is None:
+                job.post(Cancelled(video_path=None, frames=0))
+            elif row.state in ENDED:
+                job.post(_ended_event(row))
+            else:
+                continue
+            self._known.pop(stored_id, None)
 
     def _run(self, job: Job) -> None:
+        if job.stored_id is None:
+            self._stream(job)
+            return
+        store, stored_id = self._store, job.stored_id
+        try:
+            row = store.get(stored_id)
+            with store.inputs(row) as (settings, image):
+                job.request = JobRequest(settings, image, row.resume)
+                job._on_output = lambda output: store.set_output(stored_id, output)
+                self._stream(job, on_section=lambda event: store.set_progress(stored_id, event.section))
+        except Exception as exc:  # noqa: BLE001 - the job's copies can't be read: it fails, the worker goes on
+            logger.exception("queued job %s could not start", job.id)
+            job.post(Failed(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"))
+        self._record_end(job)
+
+    def _record_end(self, job: Job) -> None:
+        """Write how a queued job ended into the queue file (interrupted when the app closed under it)."""
+        result = job.result
+        if isinstance(result, Finished):
+            state, message = "finished", None
+        elif isinstance(result, Cancelled):
+            state, message = ("interrupted" if self._closing else "cancelled"), None
+        else:
+            state, message = "failed", getattr(result, "message", None)
+        try:
+            self._store.end(job.stored_id, state, message)
+        except (sqlite3.Error, QueueFileError):
+            logger.exception("could not record the end of %s", job.id)
+        if state != "interrupted":
+            self._known.pop(job.stored_id, None)
+
+    def _stream(self, job: Job, on_section: Optional[Callable[[SectionDone], None]] = None) -> None:
         if job.cancel_token.cancelled:
             job.post(Cancelled(video_path=None, frames=0))
             return
         try:
             for event in self._runner(job):
                 job.post(event)
+                if on_section is not None and isinstance(event, SectionDone):
+                    on_section(event)
                 if job.done:
                     break
         except Exception as exc:  # noqa: BLE001 - one job's error must not stop the worker
@@ -232,12 +509,37 @@ class JobQueue:
             job.post(Failed("The generation ended without a result."))
 
 
+def _ended_event(row: StoredJob) -> Event:
+    """The last event of a queued job that ended earlier (or in another process), from its row."""
+    if row.state == "finished" and row.output is not None:
+        return _finished(row.output)
+    if row.state == "failed":
+        return Failed(row.message or "The job failed.")
+    return Cancelled(video_path=None, frames=0)
+
+
+def _finished(video: Path) -> Finished:
+    """Finished for a video already in place, with its frame count from its sidecar."""
+    paths = OutputPaths(video)
+    try:
+        frames = int(read_record(paths.sidecar).get("frames") or 0)
+    except ValueError:
+        frames = 0
+    return Finished(video_path=paths.video, frames=frames,
+                    input_image_path=paths.input_image if paths.input_image.exists() else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # What the worker runs for a job
 
 
 class FramePackRunner:
-    """Runs a job: models (loaded on first use by the runtime), a fresh output name, then the pipeline's events."""
+    """Runs a job: models (loaded on first use by the runtime), a fresh output name, then the pipeline's events.
+
+    A queued job that ran before (its process died, or it failed and is retried) continues its
+    earlier output from the last finished section when it can, and is not run again when its
+    video is already in place.
+    """
 
     def __init__(self, runtime: Runtime, outputs: Path):
         self.runtime = runtime
@@ -248,12 +550,19 @@ class FramePackRunner:
         request = job.request
         # Loading blocks this (worker) thread, so its progress is posted to the job's stream directly.
         notify = lambda message: job.post(Stage(StageName.LOADING, message))  # noqa: E731
-        output = request.resume if request.resume is not None else self._new_output()
+        if request.resume is None and job.output is not None and job.output.exists():
+            yield _finished(job.output)  # its process ended right after putting the video in place
+            return
+        resume = request.resume if request.resume is not None else self._earlier_attempt(job.output)
+        output = resume if resume is not None else self._new_output()
+        job.bind_output(output)
         self.running = output
         try:
-            if request.resume is not None:
+            if resume is not None:
                 remove_stale_files(output)
                 events = self.runtime.resume(output, cancel=job.cancel_token, notify=notify)
+            elif request.extend is not None:
+                events = self.runtime.extend(request.extend, output, cancel=job.cancel_token, notify=notify)
             else:
                 events = self.runtime.generate(request.settings, request.image, output, cancel=job.cancel_token,
                                                notify=notify)
@@ -261,12 +570,29 @@ class FramePackRunner:
             last = None
             for last in events:
                 yield last
-            if request.resume is not None and isinstance(last, Finished):
+            if resume is not None and isinstance(last, Finished):
                 remove_stale_files(output, keep_latest_partial=False)
         except JobCancelled:
             yield Cancelled(video_path=None, frames=0)
         finally:
             self.running = None
+
+    @staticmethod
+    def _earlier_attempt(output: Optional[Path]) -> Optional[Path]:
+        """A queued job's earlier output to continue, or None to start afresh (what an attempt that
+        finished no section left is removed: it holds nothing to keep)."""
+        from .pipeline import load_resume_state
+
+        if output is None:
+            return None
+        if is_running(output):
+            raise ValueError(busy_message(output))
+        try:
+            load_resume_state(output)
+            return output
+        except ValueError:
+            _discard_unstarted(output)
+            return None
 
     def _new_output(self) -> Path:
         try:
@@ -276,3 +602,15 @@ class FramePackRunner:
                 f"The outputs folder {self.namer.folder} can't be written ({exc.strerror or exc}); make sure it is a "
                 "folder you may write to, or start the app with another --outputs folder."
             ) from None
+
+
+def _discard_unstarted(output: Path) -> None:
+    """Remove the files of an attempt that finished no section (its record and cropped images); an
+    attempt with latents or a video is left as it is."""
+    paths = OutputPaths(output)
+    if paths.latents.exists() or paths.video.exists() or paths.partials():
+        return
+    remove_stale_files(paths.video, keep_latest_partial=False)
+    copies = [paths.sidecar, paths.input_image, paths.end_image, *paths.folder.glob(f"{paths.name}.keyframe*.png")]
+    for path in copies:
+        path.unlink(missing_ok=True)

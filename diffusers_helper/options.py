@@ -118,6 +118,11 @@ def _allowed(rng) -> str:
 
 def settings_from_args(args: argparse.Namespace, **overrides: Any) -> GenerationSettings:
     """GenerationSettings from the parsed setting flags that were given (and `overrides`); SettingsError if invalid."""
+    return GenerationSettings(**{**given_settings(args), **overrides})
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings whose flags were given, by name (repeated flags as tuples, files read); not yet checked."""
     values = {}
     for f in dataclasses.fields(GenerationSettings):
         value = getattr(args, f.name, None)
@@ -127,7 +132,7 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Generation
         if parse is not None and isinstance(value, str):  # e.g. a file holding the value
             value = parse(value)
         values[f.name] = tuple(item(text) for text in value) if item is not None and isinstance(value, list) else value
-    return GenerationSettings(**{**values, **overrides})
+    return values
 
 
 # ---------------------------------------------------------------------------------------------

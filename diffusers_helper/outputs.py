@@ -339,7 +339,10 @@ class PastOutput:
     def resumable(self) -> bool:
         """Whether the job stopped early (ended, failed or killed) with finished sections to continue from."""
         finished = self.video is not None and self.video.name == f"{self.stem}.mp4"
-        return self.status != "finished" and not finished and self.latents is not None and not self.running
+        # an extension made from another video's frames is extended again instead (pipeline.load_resume_state)
+        anchored = (self.record.get("extends") or {}).get("mode") == "anchored"
+        return (self.status != "finished" and not finished and self.latents is not None and not self.running
+                and not anchored)
 
     @property
     def interrupted(self) -> bool:

@@ -115,10 +115,19 @@ def load_resume_state(output: Path | str) -> ResumeState:
         raise ValueError(f"Can't resume {paths.video.name}: {paths.input_image.name} is missing.")
     # the latents are written before the video and the sidecar, so they say how far the job got
     done, rest = variant(settings.model).sections_in(history.shape[2], settings.window)
+    if (record.get("extends") or {}).get("mode") == "anchored":
+        raise ValueError(f"Can't resume {paths.video.name}: it extends another video from that video's frames; "
+                         "extend that video again instead.")
     if rest or not 1 <= done < settings.sections:
         raise ValueError(f"Can't resume {paths.video.name}: its latents don't match its settings.")
     record = {k: v for k, v in record.items() if k not in _PROGRESS_KEYS}
     return ResumeState(paths.video, settings, record, done, history, start, latents)
+
+
+def fresh_seed_at(record: dict) -> int:
+    """The section (in the order of generation) whose noise is the seed's first draw: 0, or where an
+    extension drew its new sections from a fresh seed (its record's `extends`)."""
+    return int((record.get("extends") or {}).get("fresh_seed_at", 0))
 
 
 def _anchor_names(settings: GenerationSettings) -> list[str]:
@@ -166,11 +175,13 @@ def generate(
     save_latents: Optional[Path | str] = None,
     metadata: Optional[dict[str, Any]] = None,
     resume_state: Optional[ResumeState] = None,
+    job_factory: Optional[Callable[..., "_Job"]] = None,
 ) -> Iterator[Event]:
     """Run one job and yield its events; the last event is Finished, Failed or Cancelled.
 
     The job runs on a worker thread so that step progress streams while the sampler runs. Closing
-    the generator early cancels the job and waits for it to stop.
+    the generator early cancels the job and waits for it to stop. `job_factory` makes the job
+    object (a `_Job` with another recipe, such as extend.ExtensionJob); default `_Job`.
     """
     cancel = cancel or CancelToken()
     events: "queue.Queue[Any]" = queue.Queue()
@@ -179,7 +190,8 @@ def generate(
     def work() -> None:
         try:
             run_job(components, settings, image, output, emit=events.put, cancel=cancel,
-                    placement=placement, save_latents=save_latents, metadata=metadata, resume_state=resume_state)
+                    placement=placement, save_latents=save_latents, metadata=metadata, resume_state=resume_state,
+                    job_factory=job_factory)
         finally:
             events.put(done)
 
@@ -209,11 +221,12 @@ def run_job(
     save_latents: Optional[Path | str] = None,
     metadata: Optional[dict[str, Any]] = None,
     resume_state: Optional[ResumeState] = None,
+    job_factory: Optional[Callable[..., "_Job"]] = None,
 ) -> None:
     """Run one job, calling `emit` with each event; ends with exactly one Finished, Failed or Cancelled."""
     cancel = cancel or CancelToken()
     placement = placement or Placement(components.device)
-    job = _Job(components, settings, placement, cancel, emit)
+    job = (job_factory or _Job)(components, settings, placement, cancel, emit)
     try:
         emit(job.run(image, Path(output), save_latents, metadata or {}, resume_state))
     except JobCancelled:
@@ -512,17 +525,18 @@ class _Job:
         shape = (1, LATENT_CHANNELS, self.s.window, height // VAE_SPATIAL, width // VAE_SPATIAL)
         return torch.randn(shape, generator=self._generator, dtype=torch.float32)
 
-    def replay(self, state: ResumeState, plans: list[SectionPlan], size: tuple[int, int]) -> None:
+    def replay(self, state: ResumeState, plans: list[SectionPlan], size: tuple[int, int],
+               message: Optional[str] = None) -> None:
         """Bring a resumed job to where it stopped: the same random draws, history and video pixels.
 
         The finished sections' video is rebuilt by decoding their saved latents again (decoding is
         deterministic and cheap next to sampling), so the video equals that of an uninterrupted run.
         """
         s, done = self.s, state.sections_done
-        self.stage(StageName.RESUMING, f"Resuming after section {done} of {s.sections}")
+        self.stage(StageName.RESUMING, message or f"Resuming after section {done} of {s.sections}")
         partial = self.paths.partial(done)
         self.latest_video = partial if partial.exists() else None
-        for _ in range(done):
+        for _ in range(done - fresh_seed_at(state.record)):
             self.draw_noise(size)
         saved = state.history_latents
         self.history = self.variant.resume_history(saved, self.history)
@@ -604,7 +618,7 @@ class _Job:
         s, section = self.s, plan.index + 1
         self.stage(StageName.WRITING, f"Writing the video after section {section}")
         previous = self.latest_video
-        next_overlap = 0 if plan.is_last else overlap_frames(s.window)
+        next_overlap = self.next_overlap(plan)
         self.latest_video = self._writer.add_section(pixels, overlap, self.paths.partial(section),
                                                      next_overlap=next_overlap)
         self.frames = self._writer.frames
@@ -616,6 +630,10 @@ class _Job:
         release_host_memory()  # the section's buffers, so that memory stays flat over a long video
         self.emit(SectionDone(section=section, sections=s.sections, video_path=self.latest_video,
                               frames=self.frames, latent_frames=self.generated_frames))
+
+    def next_overlap(self, plan: SectionPlan) -> int:
+        """Video frames the section after `plan` will cross-fade with the video (none after the last)."""
+        return 0 if plan.is_last else overlap_frames(self.s.window)
 
     # -- 7. finishing ---------------------------------------------------------------------------
 

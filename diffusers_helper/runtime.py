@@ -258,6 +258,24 @@ class Runtime:
                                         save_latents=save_latents))
 
 
+    def extend(self, extension, output: Path | str, *, cancel: Optional[CancelToken] = None, save_latents=None,
+               notify: Callable[[str], None] = lambda message: None) -> Iterator[Event]:
+        """Extend a video (extend.extend, `extension` from extend.plan_extension), loading its model first."""
+        from .extend import extend
+
+        extension = self.extension_loras(extension)
+        settings = extension.settings
+        components = self.components(settings.model, notify=notify, cancel=cancel, fp8=settings.fp8)
+        notices = self.apply_loras(settings.loras, notify)
+        return _noticed(notices, extend(components, extension, output, cancel=cancel, placement=self.placement,
+                                        save_latents=save_latents, metadata=self.record(settings.model, settings.loras)))
+
+    def extension_loras(self, extension):
+        """An extension whose LoRAs are its old job's, with them where the very same files are now (as for
+        resume_loras); LoraError says which one is missing or changed."""
+        return self.resume_loras(extension) if extension.loras_recorded else extension
+
+
 def _noticed(notices: list[str], events: Iterator[Event]) -> Iterator[Event]:
     """The job's events after a Notice for each message (the events as they are when there is none)."""
     if not notices:

@@ -56,17 +56,21 @@ def keyframe_name(number: int) -> str:
     return f"keyframe{number}"
 
 
-def plan_sections(settings: GenerationSettings, variant: "Variant") -> list[SectionPlan]:
-    """The sections of a job, in the order they are generated."""
-    count = settings.sections
+def plan_sections(settings: GenerationSettings, variant: "Variant", done: int = 0) -> list[SectionPlan]:
+    """The sections of a job, in the order they are generated.
+
+    `done`: the first sections in time are there already (the video an extension continues); the rest
+    are planned as a job of their own in the variant's order, numbered after them.
+    """
+    count = settings.sections - done
     prompts = prompts_in_time(settings)
     anchors = anchors_in_time(settings)
     plans = []
     for i, padding in enumerate(variant.paddings(count)):
-        t = variant.time_index(i, count)
+        t = done + variant.time_index(i, count)
         blend_from, blend = _blend_at(prompts, t, settings.prompt_blend)
-        plans.append(SectionPlan(index=i, time_index=t, padding=padding, is_last=i == count - 1, prompt=prompts[t],
-                                 anchor=anchors[t], blend_from=blend_from, blend=blend))
+        plans.append(SectionPlan(index=done + i, time_index=t, padding=padding, is_last=i == count - 1,
+                                 prompt=prompts[t], anchor=anchors[t], blend_from=blend_from, blend=blend))
     return plans
 
 

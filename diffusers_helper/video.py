@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ import weakref
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 import av
 import numpy as np
@@ -195,6 +196,25 @@ class _Encoded:
     extradata: bytes  # SPS/PPS: must be the same for every segment joined into one stream
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prefix:
+    """Frames waiting to go in front of a prepend-mode video: encoded ones, then the kept (changeable) ones."""
+
+    segment: _Segment | None
+    tail: torch.Tensor | None  # (1, 3, keep, H, W) float32
+    count: int  # all of its frames
+
+
+def _pixels_of(frames: list[np.ndarray]) -> torch.Tensor:
+    """RGB uint8 frames as pixels (1, 3, T, H, W) in [-1, 1] that `to_uint8_frames` turns back into the same bytes.
+
+    Each value is the centre of its byte's interval, (u + 0.5) / 127.5 − 1, so the truncation there
+    gives u back despite float rounding.
+    """
+    stacked = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float()
+    return stacked.add_(0.5).div_(127.5).sub_(1.0)
+
+
 def _encode_frames(
     frames: np.ndarray,
     path: Path,
@@ -207,8 +227,27 @@ def _encode_frames(
     """Encode RGB frames (T, H, W, 3) uint8 to an MP4 at ``path`` (which is overwritten)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"frames must be a non-empty uint8 array (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    height, width = frames.shape[1:3]
+    return _encode_stream(iter(frames), path, fps=fps, crf=crf, metadata=metadata, final=final)
+
+
+def _encode_stream(
+    frames: Iterator[np.ndarray],
+    path: Path,
+    *,
+    fps: int,
+    crf: int,
+    metadata: Mapping[str, str] | None = None,
+    final: bool = False,
+) -> _Encoded | None:
+    """Encode RGB frames (H, W, 3) uint8, all of one size, as they come to an MP4 at ``path`` (overwritten);
+    None when there were none."""
+    first = next(frames, None)
+    if first is None:
+        return None
+    frames = itertools.chain([first], frames)
+    height, width = first.shape[:2]
     _check_even(height, width)
+    count = 0
     options = {"movflags": _FINAL_MOVFLAGS} if final else {}
     timing: list[tuple[int, int]] = []
     with av.open(str(path), "w", format="mp4", options=options) as out:
@@ -227,17 +266,20 @@ def _encode_frames(
                 out.mux(packet)
 
         for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+            if rgb.shape != first.shape or rgb.dtype != np.uint8:
+                raise ValueError(f"frame {index} is {rgb.dtype} {rgb.shape}; every frame must be uint8 {first.shape}")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
                 format=_PIX_FMT, dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
             )
             frame.pts = index
             mux(stream.encode(frame))
+            count += 1
         mux(stream.encode(None))
         extradata = bytes(ctx.extradata or b"")
-    if len(timing) != len(frames):
-        raise RuntimeError(f"encoder returned {len(timing)} packets for {len(frames)} frames")
+    if len(timing) != count:
+        raise RuntimeError(f"encoder returned {len(timing)} packets for {count} frames")
     delay = max(max(0, i - pts, i - dts) for i, (pts, dts) in enumerate(timing))
-    return _Encoded(frames=len(frames), delay=delay, extradata=extradata)
+    return _Encoded(frames=count, delay=delay, extradata=extradata)
 
 
 def _remux(segments: list[_Segment], path: Path, *, fps: int, metadata: Mapping[str, str]) -> int:
@@ -379,6 +421,7 @@ class SectionVideoWriter:
         self._size: tuple[int, int] | None = None  # (height, width)
         self._largest_overlap = 0
         self._counter = 0
+        self._prefix: _Prefix | None = None  # prepend mode: frames to go in front once the sections are done
 
     # -- state --------------------------------------------------------------------------------
 
@@ -546,6 +589,115 @@ class SectionVideoWriter:
             raise
         return _Segment(path=seg_path, frames=info.frames, delay=info.delay)
 
+    # -- frames that come before the sections (a video being extended) ------------------------
+
+    def add_prefix(self, frames: Iterable[np.ndarray], *, keep: int, beside: str | os.PathLike[str]) -> int:
+        """Put finished frames (RGB uint8, H×W×3), such as a video being extended, before everything the
+        sections add; returns how many there were.
+
+        They are encoded as they come, never held in memory together, except the last ``keep``: those
+        stay changeable, to be cross-faded with the frames that meet them, in append mode by the next
+        section (whose ``overlap`` is then ``keep``), in prepend mode by :meth:`join_prefix` once the
+        sections are done. The work folder is made beside ``beside`` unless ``work_dir`` was given. No
+        MP4 is written yet.
+        """
+        if self._closed:
+            raise RuntimeError("this SectionVideoWriter is closed")
+        if self._prefix is not None or (self.direction == "append" and self.frames):
+            raise ValueError("a prefix goes before every section, once")
+        keep = self._check_count("keep", keep)
+        held: list[np.ndarray] = []
+
+        def finished() -> Iterator[np.ndarray]:
+            for frame in frames:
+                held.append(frame)
+                if len(held) > keep:
+                    yield held.pop(0)
+
+        created_work = self._work is None
+        work = self._ensure_work_dir(Path(beside))
+        segment = None
+        try:
+            segment = self._encode_stream_segment(finished(), work, "prefix")
+            count = (segment.frames if segment is not None else 0) + len(held)
+            if len(held) < keep or count == 0:
+                raise ValueError(f"a prefix of {count} frames can't keep {keep} of them changeable")
+            size = tuple(held[-1].shape[:2]) if held else self._size
+            if self._size is not None and size != self._size:
+                raise ValueError(f"prefix frames are {size[1]}x{size[0]} but the video is {self._size[1]}x{self._size[0]}")
+            _check_even(*size)
+            tail = _pixels_of(held) if held else None
+        except BaseException:
+            if segment is not None:
+                _unlink_quietly(segment.path)
+            if created_work:
+                self._remove_work_dir()
+            raise
+        self._size = size
+        if self.direction == "append":
+            self._segments, self._edge, self.frames = [s for s in [segment] if s is not None], tail, count
+        else:
+            self._prefix = _Prefix(segment, tail, count)
+        return count
+
+    def join_prefix(self, path: str | os.PathLike[str]) -> Path:
+        """Prepend mode: put the prefix (:meth:`add_prefix`) in front of the video, its kept frames cross-faded
+        with the video's first ones, and write the whole video to a new MP4 at ``path``; returns ``path``."""
+        if self._closed or self._prefix is None:
+            raise RuntimeError("there is no prefix to join (add_prefix, prepend mode)")
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", str(path))
+        prefix = self._prefix
+        keep = 0 if prefix.tail is None else int(prefix.tail.shape[2])
+        if keep > self.frames_in_memory:
+            raise ValueError(f"the prefix's {keep} kept frames reach past the {self.frames_in_memory} that can change; "
+                             "pass next_overlap= to the last add_section call")
+        region = self._edge
+        if keep:
+            region = blend(prefix.tail.to(device=region.device, dtype=region.dtype), region, keep)
+        work = self._ensure_work_dir(path)
+        joined = None
+        try:
+            with atomic_write(path) as tmp:
+                if region is not None:
+                    joined = self._encode_segment(region, work, "seg")
+                segments = [s for s in [prefix.segment, joined] if s is not None] + self._segments
+                total = _remux(segments, tmp, fps=self.fps, metadata=self.metadata)
+        except BaseException:
+            if joined is not None:
+                _unlink_quietly(joined.path)
+            raise
+        expected = prefix.count + self.frames - keep
+        if total != expected:  # pragma: no cover - guards the bookkeeping above
+            raise RuntimeError(f"wrote {total} frames, expected {expected}")
+        self._segments, self._edge, self._prefix, self.frames = segments, None, None, expected
+        return path
+
+    def _encode_stream_segment(self, frames: Iterator[np.ndarray], work: Path, kind: str) -> _Segment | None:
+        """A segment of RGB uint8 frames encoded as they come (None when there are none)."""
+        self._counter += 1
+        seg_path = work / f"{self._counter:06d}-{kind}.mp4"
+
+        def counted() -> Iterator[np.ndarray]:
+            for frame in frames:
+                self.frames_encoded += 1
+                yield frame
+
+        try:
+            info = _encode_stream(counted(), seg_path, fps=self.fps, crf=self.crf)
+            if info is None:
+                _unlink_quietly(seg_path)
+                return None
+            if self._extradata is None:
+                self._extradata = info.extradata
+            elif info.extradata != self._extradata:
+                raise RuntimeError("the encoder produced different stream parameters for a segment; cannot join")
+        except BaseException:
+            _unlink_quietly(seg_path)
+            raise
+        return _Segment(path=seg_path, frames=info.frames, delay=info.delay)
+
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -553,6 +705,7 @@ class SectionVideoWriter:
         self._closed = True
         self._edge = None
         self._segments = []
+        self._prefix = None
         self._remove_work_dir()
 
     def __enter__(self) -> "SectionVideoWriter":

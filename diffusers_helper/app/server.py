@@ -170,11 +170,21 @@ def launch_options(args: argparse.Namespace, config: AppConfig) -> dict[str, Any
         auth=list(credentials) if credentials else None,
         # Only the outputs folder; Gradio adds its own upload and cache folders, and nothing else is served.
         allowed_paths=[str(Path(config.outputs).resolve())],
+        # but not the queue file in it: it holds every user's prompts and images
+        blocked_paths=queue_files(config.outputs),
         app_kwargs=server_kwargs(),
         show_error=True,
         theme=theme(),
         css=CSS,
     )
+
+
+def queue_files(outputs: Path | str) -> list[str]:
+    """The outputs folder's queue file and its journal, which the page never serves."""
+    from ..jobstore import FILENAME
+
+    queue = Path(outputs).resolve() / FILENAME
+    return [str(queue), f"{queue}-journal"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -25,6 +25,7 @@ import gradio as gr
 import numpy as np
 
 from ..jobs import BusyError, FramePackRunner, Job, JobQueue, JobRequest
+from ..jobstore import JobStore
 from ..outputs import OutputPaths, list_outputs, read_output
 from ..runtime import Runtime
 from ..settings import (MODEL_VARIANTS, RANGES, SAMPLER_VARIANTS, START_COLORS, GenerationSettings, ModelSources,
@@ -32,6 +33,8 @@ from ..settings import (MODEL_VARIANTS, RANGES, SAMPLER_VARIANTS, START_COLORS, 
 from ..variants import display_name
 from .loras import (LORA_FIELDS, check_page_loras, lora_controls, lora_form_values, loras_from_form, past_lora_values,
                     wire_loras)
+from .extend_panel import extend_controls, wire_extend
+from .queue_panel import Form, queue_controls, wire_queue
 from .views import PREVIEW_HEIGHT, JobView, VideoSnapshots, idle_html
 
 logger = logging.getLogger(__name__)
@@ -305,11 +308,15 @@ class Page:
         self.runtime = Runtime(config.sources, device=config.device, vram=config.vram, attention=config.attention,
                                compile=config.compile, lora_dir=config.lora_dir)
         self.runner = FramePackRunner(self.runtime, self.outputs)
-        self.jobs = JobQueue(self.runner)
+        # the outputs folder's queue file keeps queued jobs (Add to queue, batches) over restarts
+        self.jobs = JobQueue(self.runner, store=JobStore(self.outputs))
         self.snapshots = VideoSnapshots()
         self._resuming = threading.Lock()  # two pages pressing Resume on the same job at once start it once
-        # A job killed with the app (power loss, closed window) is offered for resuming when it starts again.
-        self.interrupted_at_start = [item for item in list_outputs(self.outputs) if item.interrupted]
+        # A job killed with the app (power loss, closed window) is offered for resuming when it starts again
+        # (a queued job continues by itself).
+        queued = self.jobs.stored_outputs()
+        self.interrupted_at_start = [item for item in list_outputs(self.outputs)
+                                     if item.interrupted and item.sidecar.with_suffix(".mp4") not in queued]
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -395,7 +402,7 @@ class Page:
         busy = {job.request.resume for job in self.jobs.active() if job.request.resume is not None}
         if self.runner.running is not None:
             busy.add(self.runner.running)
-        return busy
+        return busy | self.jobs.stored_outputs()  # queued jobs continue theirs by themselves
 
     # -- past outputs ------------------------------------------------------------------------------
 
@@ -472,6 +479,7 @@ def layout(d: GenerationSettings, interrupted: list) -> SimpleNamespace:
             c.progress = gr.HTML(idle_html(), elem_id="fp-progress")
             c.final = gr.Video(label="Final video", autoplay=False, loop=True, interactive=False,
                                height=360, elem_id="fp-final")
+    queue_controls(c)
     with gr.Accordion("Past outputs", open=bool(interrupted), elem_id="fp-past-outputs"):
         if interrupted:
             count = len(interrupted)
@@ -488,6 +496,7 @@ def layout(d: GenerationSettings, interrupted: list) -> SimpleNamespace:
         with gr.Row():
             c.load_settings = gr.Button("Load these settings and start image into the form")
             c.resume = gr.Button("Resume this job", interactive=False, elem_id="fp-resume")
+        extend_controls(c)
     for name, component in c.form.items():
         # uploads keep Gradio's own handling (it moves them into its upload folder); text needs no check
         if name not in ("prompt", "negative_prompt", "end_image") and not name.endswith("_image"):
@@ -627,6 +636,8 @@ def wire(page: Page, demo: gr.Blocks, c: SimpleNamespace) -> None:
     c.load_settings.click(page.load_past, inputs=c.past, outputs=[c.image, *form_inputs], api_name="load_settings")
     demo.load(page.past_choices, outputs=c.past, api_visibility="private")
     wire_loras(page, c, demo)
+    wire_queue(page, demo, c, Form(FORM_FIELDS, settings_from_form, load_start_image))
+    wire_extend(page, c, FORM_FIELDS, settings_from_form)
 
 
 def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
