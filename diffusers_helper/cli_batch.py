@@ -1,22 +1,25 @@
 """The `batch` command: run a file of jobs through the outputs folder's queue, with a bar over jobs and one over steps.
 
-    python -m diffusers_helper batch JOBS --outputs DIR [model and device options]
+    python -m diffusers_helper batch JOBS --outputs DIR [model and device options] [--ray ADDRESS|local ...]
 
 Every job is checked before any runs (batch.read_batch). The jobs go into DIR's queue file as one
 batch, keyed by the file, so running the same command again after a kill continues where it
 stopped: finished jobs are not run again, the one that was running continues from its last
 finished section. The models are opened once (Runtime) and kept while consecutive jobs use them.
+With --ray, the same queue's jobs run on Ray workers (scaleout), several at once, with a progress
+bar per worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
-from .options import (EXIT_CANCELLED, EXIT_FAILED, add_runtime_arguments, add_source_arguments, describe_failure,
-                      sources_from_args, user_error)
+from .options import (EXIT_CANCELLED, EXIT_FAILED, add_ray_arguments, add_runtime_arguments, add_source_arguments,
+                      cluster_options, describe_failure, sources_from_args, user_error)
 
 OWNER = "command line"
 
@@ -32,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA given as a bare file name is looked for here first (default: loras)")
     add_runtime_arguments(parser)
     add_source_arguments(parser, per_variant=True)
+    add_ray_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,10 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from .runtime import Runtime
 
     try:
+        cluster = cluster_options(args)
         jobs = read_batch(args.jobs)
         key = batch_key(args.jobs)
-        runtime = Runtime(sources_from_args(args, "framepack"), device=args.device, vram=args.vram,
-                          attention=args.attention, compile=args.compile, lora_dir=args.lora_dir)
+        # with Ray the workers pick their own device; this process only checks the files
+        runtime = Runtime(sources_from_args(args, "framepack"), device="cpu" if cluster else args.device,
+                          vram=args.vram, attention="auto" if cluster else args.attention,
+                          compile=args.compile and not cluster, lora_dir=args.lora_dir)
         checked = set()
         for number, job in enumerate(jobs, 1):
             needs = (job.settings.model, job.settings.loras)
@@ -55,67 +62,145 @@ def run(args: argparse.Namespace) -> int:
                 checked.add(needs)
     except ValueError as exc:
         return user_error(str(exc))
-    return run_batch(runtime, jobs, key, Path(args.outputs).expanduser())
+    ray = None
+    if cluster is not None:
+        from .scaleout import WorkerConfig
+
+        ray = (cluster, WorkerConfig.of(runtime, device=args.device, vram=args.vram, attention=args.attention,
+                                        compile=args.compile))
+    return run_batch(runtime, jobs, key, Path(args.outputs).expanduser(), ray=ray)
 
 
-def run_batch(runtime, jobs, key: str, outputs: Path, *, out: TextIO = sys.stdout) -> int:
-    """Queue `jobs` (batch.BatchJob) as batch `key` in `outputs` (once) and run them; prints each video's path."""
+def run_batch(runtime, jobs, key: str, outputs: Path, *, out: TextIO = sys.stdout, ray=None) -> int:
+    """Queue `jobs` (batch.BatchJob) as batch `key` in `outputs` (once) and run them; prints each video's path.
+
+    `ray`: (scaleout.ClusterOptions, scaleout.WorkerConfig) to run them on Ray workers instead of here.
+    """
     from .jobs import FramePackRunner, JobQueue, JobRequest
     from .jobstore import JobStore
 
-    queue = JobQueue(FramePackRunner(runtime, outputs), store=JobStore(outputs), pool=f"batch:{key}",
-                     name="framepack-batch")
+    cluster = queue = None
     try:
+        if ray is not None:
+            from .scaleout import RayCluster
+
+            print(f"Starting {'a local Ray cluster' if ray[0].address == 'local' else 'Ray at ' + ray[0].address} ...",
+                  file=sys.stderr)
+            cluster = RayCluster(ray[0], ray[1], outputs)
+            runners = cluster.runners()
+            print(f"{len(runners)} Ray worker{'s' if len(runners) != 1 else ''} ({_resources(cluster)}); each loads "
+                  "the models once", file=sys.stderr)
+        else:
+            runners = FramePackRunner(runtime, outputs)
+            print(f"Loading models on {runtime.device} ...", file=sys.stderr)
+        queue = JobQueue(runners, store=JobStore(outputs), pool=f"batch:{key}", name="framepack-batch")
         queue.enqueue([JobRequest(job.settings, job.image) for job in jobs], owner=OWNER, batch=key, follow=True)
         for row in queue.store.batch_jobs(key):  # run again: what failed or was cancelled is tried again
             if row.state in ("failed", "cancelled"):
                 queue.retry(row.id)
-        followed = queue.batch_jobs(key)
-        print(f"Loading models on {runtime.device} ...", file=sys.stderr)
-        return follow_batch(followed, out=out)
+        return follow_batch(queue.batch_jobs(key), slots=queue.slots, out=out)
     except KeyboardInterrupt:
         print("stopped; run the same command again to continue the batch", file=sys.stderr)
         return EXIT_CANCELLED
     except ValueError as exc:
         return user_error(str(exc))
     finally:
-        queue.close()
+        if queue is not None:
+            queue.close()
+        if cluster is not None:
+            cluster.close()
 
 
-def follow_batch(jobs, *, out: TextIO = sys.stdout) -> int:
-    """Show the jobs' progress (a bar over jobs, one over the running job's steps) until each has ended."""
+def _resources(cluster) -> str:
+    per = cluster.resources
+    if "num_gpus" in per:
+        return f"{per['num_gpus']:g} GPU each"
+    return f"{per['num_cpus']} CPU core{'s' if per['num_cpus'] != 1 else ''} each, no GPU"
+
+
+def follow_batch(jobs, *, slots: int = 1, out: TextIO = sys.stdout) -> int:
+    """Show the jobs' progress (a bar over jobs, and one per worker over its job's steps) until each has ended;
+    each finished video's path is printed as it finishes."""
     from tqdm import tqdm
-
-    from .events import Cancelled, Failed, Finished, StepProgress
 
     ended_before = [job.done for job in jobs]  # finished in an earlier run of the same batch
     bar = tqdm(total=len(jobs), initial=sum(ended_before), unit="job", desc="jobs", position=0, file=sys.stderr,
                dynamic_ncols=True)
+    steps: dict[int, tuple[int, tqdm]] = {}  # slot -> (job number, its bar)
+    pending = dict(enumerate(jobs, 1))
     code = 0
     try:
-        for number, job in enumerate(jobs, 1):
-            settings = job.request.settings
-            steps = None
-            for event in job.events():
-                if isinstance(event, StepProgress):
-                    if steps is None:
-                        steps = tqdm(total=event.sections * event.steps, unit="step", position=1, leave=False,
-                                     file=sys.stderr, dynamic_ncols=True)
-                    steps.set_description(f"job {number}, section {event.section}/{event.sections}")
-                    steps.update((event.section - 1) * event.steps + event.step - steps.n)
-            if steps is not None:
-                steps.close()
-            result = job.result
-            if isinstance(result, Finished):
-                print(result.video_path, file=out, flush=True)
-            elif isinstance(result, Failed):
-                bar.write(f"error: job {number}: {describe_failure(result.message, result.advice)}", file=sys.stderr)
-                code = EXIT_FAILED
-            elif isinstance(result, Cancelled):
-                bar.write(f"job {number} ({settings.prompt[:40]!r}) was cancelled", file=sys.stderr)
-                code = code or EXIT_FAILED
-            if not ended_before[number - 1]:
-                bar.update(1)
+        while pending:
+            for number, job in list(pending.items()):
+                for event in job.take(timeout=0):
+                    _show_step(event, number, job, slots, steps)
+                if job.done:
+                    del pending[number]
+                    code = _report(job, number, bar, out) or code
+                    if not ended_before[number - 1]:
+                        bar.update(1)
+            if pending:
+                time.sleep(0.05)
     finally:
+        for _, step_bar in steps.values():
+            step_bar.close()
         bar.close()
     return code
+
+
+def _show_step(event, number: int, job, slots: int, steps: dict) -> None:
+    """Move the step bar of the worker that runs the job."""
+    from tqdm import tqdm
+
+    from .events import StepProgress
+
+    if not isinstance(event, StepProgress):
+        return
+    slot = job.slot or 0
+    total = event.sections * event.steps
+    held = steps.get(slot)
+    if held is None or held[0] != number:
+        if held is None:
+            held = (number, tqdm(total=total, unit="step", position=slot + 1, leave=False, file=sys.stderr,
+                                 dynamic_ncols=True))
+        else:
+            held[1].reset(total=total)
+        steps[slot] = held = (number, held[1])
+    who = f"worker {slot + 1}: " if slots > 1 else ""
+    held[1].set_description(f"{who}job {number}, section {event.section}/{event.sections}")
+    held[1].update((event.section - 1) * event.steps + event.step - held[1].n)
+
+
+def _report(job, number: int, bar, out: TextIO) -> int:
+    """Say how a job ended: its video's path on stdout, or its error; the exit status it calls for."""
+    from .events import Cancelled, Failed, Finished
+
+    result = job.result
+    if isinstance(result, Finished):
+        print(result.video_path, file=out, flush=True)
+        took = _timing(result.video_path)
+        if took:
+            bar.write(f"job {number}: {took}", file=sys.stderr)
+    elif isinstance(result, Failed):
+        bar.write(f"error: job {number}: {describe_failure(result.message, result.advice)}", file=sys.stderr)
+        return EXIT_FAILED
+    elif isinstance(result, Cancelled):
+        bar.write(f"job {number} ({job.request.settings.prompt[:40]!r}) was cancelled", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _timing(video) -> str:
+    """How long a finished job took and where, from its sidecar ('' when it does not say)."""
+    from .outputs import OutputPaths, read_record
+
+    try:
+        record = read_record(OutputPaths(video).sidecar)
+    except ValueError:
+        return ""
+    seconds = record.get("elapsed_seconds")
+    if not isinstance(seconds, (int, float)):
+        return ""
+    worker = record.get("worker") or {}
+    where = f" on {worker.get('host')} (Ray actor {str(worker.get('actor'))[:8]})" if worker else ""
+    return f"{seconds:.1f} s{where}"

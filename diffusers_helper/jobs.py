@@ -22,6 +22,7 @@ objects that the app creates and owns.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import logging
 import secrets
@@ -45,8 +46,15 @@ from .settings import GenerationSettings
 logger = logging.getLogger(__name__)
 
 TERMINAL = (Finished, Failed, Cancelled)
+# A job whose worker died this many times (a process killed, a node gone) fails instead of going on.
+MAX_LOST = 3
 # The worker looks at the queue file this often while idle (jobs queued by other processes, a died process's job).
 POLL_S = 1.0
+
+
+class WorkerLost(Exception):
+    """The worker running a job went away mid-job (a Ray actor killed, its node gone): the job is not at
+    fault; it continues from its last finished section on another worker."""
 
 
 class BusyError(ValueError):
@@ -97,6 +105,8 @@ class Job:
         self.submitted = time.monotonic()
         self.result: Optional[Event] = None
         self.last_step: Optional[StepProgress] = None
+        self.slot: Optional[int] = None  # which of the queue's workers runs it (0-based), once one does
+        self.lost = 0  # how many times its worker died under it
         self._keep = keep_events
         self._on_output: Optional[Callable[[Path], None]] = None
         self._events: "deque[JobEvent]" = deque()
@@ -156,25 +166,34 @@ Runner = Callable[[Job], Iterable[Event]]
 
 
 class JobQueue:
-    """Pages' jobs (first in, first out) and the queue file's jobs, run one at a time by a worker thread.
+    """Pages' jobs (first in, first out) and the queue file's jobs, run by one worker thread per runner.
 
-    `store` is the outputs folder's queue file (None: pages' jobs only); this queue runs that file's
-    jobs of `pool` (the app's, or one `batch` command's). The worker starts on the first job, or at
-    once with a queue file: it looks at the file every `poll_s` seconds while idle (the jobs a
-    closed or killed app left, jobs another process queued).
+    `runner` is one runner (one job at a time: one GPU) or a list of them, one per slot (each a
+    Ray actor, see `scaleout`): each slot's thread takes the next job, so as many jobs run at once
+    as there are slots. `store` is the outputs folder's queue file (None: pages' jobs only); this
+    queue runs that file's jobs of `pool` (the app's, or one `batch` command's). The workers start
+    on the first job, or at once with a queue file: they look at the file every `poll_s` seconds
+    while idle (the jobs a closed or killed app left, jobs another process queued).
+
+    A runner whose worker dies under a job raises `WorkerLost`: the job is taken again first (by
+    any slot) and continues from its last finished section; after MAX_LOST such deaths it fails.
+    A runner may have `wait_ready()` (called before its slot takes a job: a new actor after one
+    died) and `label` (recorded as the job's worker in the queue file).
     """
 
-    def __init__(self, runner: Runner, *, store: Optional[JobStore] = None, pool: str = "app",
+    def __init__(self, runner: Runner | Sequence[Runner], *, store: Optional[JobStore] = None, pool: str = "app",
                  name: str = "framepack-worker", poll_s: float = POLL_S):
-        self._runner = runner
+        self._runners: list[Runner] = list(runner) if isinstance(runner, (list, tuple)) else [runner]
+        if not self._runners:
+            raise ValueError("A job queue needs at least one runner.")
         self._name = name
         self._store = store
         self._pool = pool
         self._poll_s = poll_s
         self._lock = threading.Condition()
         self._waiting: "deque[Job]" = deque()
-        self._running: Optional[Job] = None
-        self._thread: Optional[threading.Thread] = None
+        self._running: list[Job] = []
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self._closing = False  # a queued job stopped by close() is interrupted (resumed next time), not cancelled
         self._ids = itertools.count(1)
@@ -264,8 +283,19 @@ class JobQueue:
 
     @property
     def running(self) -> Optional[Job]:
-        """The job this queue's worker is running now."""
-        return self._running
+        """The job this queue's worker is running now (the first slot's with several)."""
+        running = self._running
+        return running[0] if running else None
+
+    def running_jobs(self) -> list[Job]:
+        """Every job a slot runs now."""
+        with self._lock:
+            return list(self._running)
+
+    @property
+    def slots(self) -> int:
+        """How many jobs this queue runs at once."""
+        return len(self._runners)
 
     def close(self, timeout: Optional[float] = 10.0) -> None:
         """Cancel the pages' jobs and stop the worker thread; a queued job running now is interrupted (it
@@ -273,15 +303,17 @@ class JobQueue:
         with self._lock:
             self._closed = True
             jobs = self._active()
-            running = self._running
+            running = list(self._running)
             self._lock.notify_all()
-        if running is not None and running.stored_id is not None:
-            self._closing = True
-            running.cancel()
+        for job in running:
+            if job.stored_id is not None:
+                self._closing = True
+                job.cancel()
         for job in jobs:
             self.cancel(job)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if self._store is not None:
             self._store.close()
 
@@ -331,11 +363,11 @@ class JobQueue:
 
     def stop(self, stored_id: int) -> bool:
         """Stop the queued job this process is running now (it keeps its finished sections and can be retried)."""
-        running = self._running
-        if running is None or running.stored_id != stored_id:
-            return False
-        running.cancel()
-        return True
+        for running in self.running_jobs():
+            if running.stored_id == stored_id:
+                running.cancel()
+                return True
+        return False
 
     def stored_outputs(self) -> set[Path]:
         """Final video paths (in the queue file's folder, as this queue names it) that queued jobs are running or
@@ -352,17 +384,20 @@ class JobQueue:
     # -- the worker side ------------------------------------------------------------------------
 
     def _active(self) -> list[Job]:
-        running = [self._running] if self._running is not None and self._running.stored_id is None else []
+        running = [job for job in self._running if job.stored_id is None]
         return running + list(self._waiting)
 
     def _start_worker(self) -> None:
         with self._lock:
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-                self._thread.start()
+            if not self._threads and not self._closed:
+                for slot, runner in enumerate(self._runners):
+                    name = self._name if len(self._runners) == 1 else f"{self._name}-{slot + 1}"
+                    thread = threading.Thread(target=self._work, args=(slot, runner), name=name, daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
 
     def _tell_positions(self) -> None:
-        running = 1 if self._running is not None else 0
+        running = len(self._running)
         for index, job in enumerate(self._waiting):
             job.post(Queued(position=index + 1, ahead=index + running))
 
@@ -382,39 +417,58 @@ class JobQueue:
                 self._known[row.id] = job
             return job
 
-    def _identity(self) -> str:
+    def _identity(self, runner: Runner) -> str:
+        """Who takes a job from the file: this process (so others can tell whether it still runs), and the
+        runner's worker when it has one."""
         if self._worker_id is None:
             self._worker_id = f"{process_identity()}|{secrets.token_hex(4)}"
-        return self._worker_id
+        label = getattr(runner, "label", None)
+        return f"{self._worker_id}|{label}" if label else self._worker_id
 
-    def _work(self) -> None:
+    def _work(self, slot: int, runner: Runner) -> None:
         while True:
-            job = self._next()
+            if not self._ready(runner):
+                return
+            job = self._next(runner)
             if job is None:
                 return
+            job.slot = slot
             try:
-                self._run(job)
+                self._run(job, runner)
             finally:
                 with self._lock:
-                    self._running = None
+                    self._running.remove(job)
                     self._tell_positions()
 
-    def _next(self) -> Optional[Job]:
+    def _ready(self, runner: Runner) -> bool:
+        """Wait until the runner can take a job (a Ray slot starts its actor); False once closed."""
+        wait_ready = getattr(runner, "wait_ready", None)
+        while wait_ready is not None and not self._closed:
+            try:
+                wait_ready()
+                return True
+            except Exception:  # noqa: BLE001 - no worker now (a cluster busy or gone): try again later
+                logger.exception("a worker could not start; trying again")
+                with self._lock:
+                    self._lock.wait_for(lambda: self._closed, timeout=max(self._poll_s, 5.0))
+        return not self._closed
+
+    def _next(self, runner: Runner) -> Optional[Job]:
         """The next job to run: a page's first, else one taken from the queue file; None once closed."""
         while True:
             with self._lock:
                 if self._waiting:
                     job = self._waiting.popleft()
-                    self._running = job
+                    self._running.append(job)
                     self._tell_positions()
                     return job
                 if self._closed:
                     return None
-            job = self._claim()
+            job = self._claim(runner)
             if job is not None:
                 with self._lock:
                     if not self._closed:
-                        self._running = job
+                        self._running.append(job)
                         self._tell_positions()
                         return job
                 self._store.end(job.stored_id, "interrupted")  # closed meanwhile: it runs next time
@@ -422,7 +476,7 @@ class JobQueue:
             with self._lock:
                 self._lock.wait_for(lambda: self._waiting or self._closed, timeout=self._poll_s)
 
-    def _claim(self) -> Optional[Job]:
+    def _claim(self, runner: Runner) -> Optional[Job]:
         """Take the next job of this queue's pool from the queue file (after marking dead processes' jobs
         interrupted)."""
         store = self._store
@@ -431,7 +485,7 @@ class JobQueue:
         try:
             store.recover()
             self._sync_known()
-            row = store.claim(self._pool, self._identity())
+            row = store.claim(self._pool, self._identity(runner))
         except (sqlite3.Error, QueueFileError) as exc:
             if not self._store_failed:  # said once; the worker keeps running the pages' jobs
                 logger.error("the queue file can't be read: %s", exc)
@@ -447,7 +501,7 @@ class JobQueue:
     def _sync_known(self) -> None:
         """End the objects of queued jobs that another process ended or that left the queue."""
         for stored_id, job in list(self._known.items()):
-            if job is self._running or job.done:
+            if job in self._running or job.done:
                 continue
             row = self._store.get(stored_id)
             if row is None:
@@ -458,9 +512,15 @@ class JobQueue:
                 continue
             self._known.pop(stored_id, None)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, runner: Runner) -> None:
         if job.stored_id is None:
-            self._stream(job)
+            try:
+                self._stream(job, runner)
+            except WorkerLost as exc:
+                if self._lost(job, exc):
+                    with self._lock:  # first again: its output continues from its last finished section
+                        self._waiting.appendleft(job)
+                        self._lock.notify_all()
             return
         store, stored_id = self._store, job.stored_id
         try:
@@ -468,11 +528,29 @@ class JobQueue:
             with store.inputs(row) as (settings, image):
                 job.request = JobRequest(settings, image, row.resume)
                 job._on_output = lambda output: store.set_output(stored_id, output)
-                self._stream(job, on_section=lambda event: store.set_progress(stored_id, event.section))
+                self._stream(job, runner, on_section=lambda event: store.set_progress(stored_id, event.section))
+        except WorkerLost as exc:
+            if self._lost(job, exc):
+                store.end(stored_id, "interrupted", str(exc))  # taken again first, by any worker
+                return
         except Exception as exc:  # noqa: BLE001 - the job's copies can't be read: it fails, the worker goes on
             logger.exception("queued job %s could not start", job.id)
             job.post(Failed(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"))
         self._record_end(job)
+
+    @staticmethod
+    def _lost(job: Job, exc: WorkerLost) -> bool:
+        """A job's worker died: True to run it again, False when that happened MAX_LOST times (it fails)."""
+        job.lost += 1
+        logger.warning("%s: %s (%d of %d)", job.id, exc, job.lost, MAX_LOST)
+        if job.lost < MAX_LOST and not job.cancel_token.cancelled:
+            return True
+        if job.cancel_token.cancelled:
+            job.post(Cancelled(video_path=None, frames=0))
+        else:
+            job.post(Failed(f"Its worker stopped {job.lost} times while running it ({exc}); finished sections "
+                            "were kept."))
+        return False
 
     def _record_end(self, job: Job) -> None:
         """Write how a queued job ended into the queue file (interrupted when the app closed under it)."""
@@ -490,17 +568,19 @@ class JobQueue:
         if state != "interrupted":
             self._known.pop(job.stored_id, None)
 
-    def _stream(self, job: Job, on_section: Optional[Callable[[SectionDone], None]] = None) -> None:
+    def _stream(self, job: Job, runner: Runner, on_section: Optional[Callable[[SectionDone], None]] = None) -> None:
         if job.cancel_token.cancelled:
             job.post(Cancelled(video_path=None, frames=0))
             return
         try:
-            for event in self._runner(job):
+            for event in runner(job):
                 job.post(event)
                 if on_section is not None and isinstance(event, SectionDone):
                     on_section(event)
                 if job.done:
                     break
+        except WorkerLost:
+            raise  # not the job's fault: it runs again
         except Exception as exc:  # noqa: BLE001 - one job's error must not stop the worker
             logger.exception("job %s failed", job.id)
             message = str(exc) if isinstance(exc, ValueError) else f"Generation failed: {type(exc).__name__}: {exc}"
@@ -512,13 +592,13 @@ class JobQueue:
 def _ended_event(row: StoredJob) -> Event:
     """The last event of a queued job that ended earlier (or in another process), from its row."""
     if row.state == "finished" and row.output is not None:
-        return _finished(row.output)
+        return finished_event(row.output)
     if row.state == "failed":
         return Failed(row.message or "The job failed.")
     return Cancelled(video_path=None, frames=0)
 
 
-def _finished(video: Path) -> Finished:
+def finished_event(video: Path) -> Finished:
     """Finished for a video already in place, with its frame count from its sidecar."""
     paths = OutputPaths(video)
     try:
@@ -551,10 +631,15 @@ class FramePackRunner:
         # Loading blocks this (worker) thread, so its progress is posted to the job's stream directly.
         notify = lambda message: job.post(Stage(StageName.LOADING, message))  # noqa: E731
         if request.resume is None and job.output is not None and job.output.exists():
-            yield _finished(job.output)  # its process ended right after putting the video in place
+            yield finished_event(job.output)  # its process ended right after putting the video in place
             return
         resume = request.resume if request.resume is not None else self._earlier_attempt(job.output)
-        output = resume if resume is not None else self._new_output()
+        if resume is not None:
+            output = resume
+        elif job.output is not None and not _in_use(job.output):
+            output = job.output  # named before it ran (a Ray worker's job), or an attempt that left nothing
+        else:
+            output = self._new_output()
         job.bind_output(output)
         self.running = output
         try:
@@ -602,6 +687,12 @@ class FramePackRunner:
                 f"The outputs folder {self.namer.folder} can't be written ({exc.strerror or exc}); make sure it is a "
                 "folder you may write to, or start the app with another --outputs folder."
             ) from None
+
+
+def _in_use(output: Path) -> bool:
+    """Whether any file of the job named by `output` exists (the name can't be given to a fresh job)."""
+    paths = OutputPaths(output)
+    return paths.folder.is_dir() and any(paths.folder.glob(f"{glob.escape(paths.name)}.*"))
 
 
 def _discard_unstarted(output: Path) -> None:

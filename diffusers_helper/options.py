@@ -150,6 +150,35 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, device_default: st
         parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ray ADDRESS|local, --workers, --gpus-per-worker, --cpus-per-worker (scale-out, see scaleout.py)."""
+    parser.add_argument("--ray", metavar="ADDRESS", help="run the jobs on Ray workers: local (a Ray cluster on this "
+                                                         "machine, all its GPUs) or the address of a running cluster "
+                                                         "(needs pip install .[ray])")
+    parser.add_argument("--workers", type=int, metavar="N", help="with --ray: how many workers (default: one per "
+                                                                 "--gpus-per-worker GPUs; one without GPUs)")
+    parser.add_argument("--gpus-per-worker", type=float, default=1.0, metavar="G",
+                        help="with --ray: GPUs each worker takes (default: 1)")
+    parser.add_argument("--cpus-per-worker", type=int, metavar="N", help="with --ray on a cluster without GPUs: "
+                                                                         "CPU cores each worker takes (default: all "
+                                                                         "of them shared out among the workers)")
+
+
+def cluster_options(args: argparse.Namespace):
+    """The scale-out options of the flags (a scaleout.ClusterOptions), None without --ray; ValueError for a
+    mistake or when Ray is not installed."""
+    if getattr(args, "ray", None) is None:
+        for flag in ("workers", "cpus_per_worker"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} only goes with --ray.")
+        return None
+    from .scaleout import ClusterOptions, import_ray
+
+    options = ClusterOptions(args.ray.strip(), args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    import_ray()
+    return options
+
+
 def add_source_arguments(parser: argparse.ArgumentParser, *, per_variant: bool = False) -> None:
     """Model source flags: --hunyuan, --siglip, --transformer, --tiny (and one flag per variant's transformer)."""
     parser.add_argument("--hunyuan", metavar="SRC", help="HunyuanVideo text encoders, tokenizers and VAE: hub repo id or local folder")

@@ -16,6 +16,7 @@ Importing this module does no work.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -62,6 +63,8 @@ class Runtime:
         self._loras = None
         self._lora_targets: dict[str, dict] = {}  # transformer source -> its layers a LoRA may change
         self.lora_dir = lora_dir
+        # where jobs run when that is not simply this process (a Ray worker: node and actor); in each sidecar
+        self.worker: Optional[dict[str, Any]] = None
 
     # -- what it runs on ------------------------------------------------------------------------
 
@@ -151,6 +154,8 @@ class Runtime:
             record["sources"]["vae"] = str(sources.vae)
         if loras:
             record["loras"] = self.lora_manager.record(loras)
+        if self.worker:
+            record["worker"] = dict(self.worker)
         return record
 
     # -- loading --------------------------------------------------------------------------------
@@ -252,6 +257,8 @@ class Runtime:
         from .pipeline import load_resume_state, resume
 
         state = self.resume_loras(state or load_resume_state(output))
+        if self.worker:  # the sidecar names the worker that finishes the job
+            state = dataclasses.replace(state, record={**state.record, "worker": dict(self.worker)})
         components = self.components(state.settings.model, notify=notify, cancel=cancel, fp8=state.settings.fp8)
         notices = self.apply_loras(state.settings.loras, notify)
         return _noticed(notices, resume(components, output, state=state, cancel=cancel, placement=self.placement,

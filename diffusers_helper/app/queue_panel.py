@@ -143,7 +143,7 @@ class QueuePanel:
         self._thumbnails = {job.id: self._thumbnails.get(job.id) or _thumbnail(job) for job in active}
         for job in active:
             own = job.owner is not None and self._users.get(job.owner, job.owner) == viewer.user
-            running = job is jobs.running
+            running = job in jobs.running_jobs()
             found.append(_page_entry(job, own, running, None if running else jobs.position(job),
                                      self._thumbnails[job.id]))
         waiting = sum(1 for entry in found if entry.state == "waiting")
@@ -166,6 +166,9 @@ class QueuePanel:
                       else f"{row.sections_done} of {sections} sections done")
             if row.pool != "app":
                 status += " (by the batch command)"
+            where = _worker_label(row.worker)
+            if where:
+                status += f" on {where}"
         elif row.state == "finished":
             status = f"finished: {row.output.name}" if row.output else "finished"
         elif row.state == "failed":
@@ -397,3 +400,9 @@ def wire_queue(page, demo: gr.Blocks, c: SimpleNamespace, form: Form) -> QueuePa
 
     c.queue_pick.change(show, inputs=c.queue_pick, outputs=c.queue_video, api_visibility="private")
     return panel
+
+
+def _worker_label(worker: Optional[str]) -> str:
+    """The Ray worker a running job is on, from its row's worker (`host|pid|start|token|label`); '' for a process."""
+    parts = (worker or "").split("|", 4)
+    return parts[4].split(" node=")[0] if len(parts) == 5 else ""

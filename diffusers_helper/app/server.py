@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
-from ..options import add_runtime_arguments, add_settings_arguments, add_source_arguments, sources_from_args
+from ..options import (add_ray_arguments, add_runtime_arguments, add_settings_arguments, add_source_arguments,
+                       cluster_options, sources_from_args)
 from ..settings import GenerationSettings
 from .ui import CSS, AppConfig, build_app, theme
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help={"model": "model selected when the page opens; --transformer applies to it"})
     add_source_arguments(parser, per_variant=True)
     add_runtime_arguments(parser)
+    add_ray_arguments(parser)
     return parser
 
 
@@ -61,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         compile=args.compile,
         lora_dir=Path(args.lora_dir).expanduser(),
         defaults=GenerationSettings(model=args.model),
+        ray=getattr(args, "cluster", None),
     )
 
 
@@ -74,8 +77,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from ..loading import resolve_device
 
     try:
-        resolve_attention(args.attention, resolve_device(args.device))
-        if args.compile:
+        args.cluster = cluster_options(args)
+        if args.cluster is None:  # with Ray each worker checks its own device
+            resolve_attention(args.attention, resolve_device(args.device))
+        if args.compile and args.cluster is None:
             from ..compiled import check_compile
 
             check_compile(resolve_device(args.device))
@@ -194,4 +199,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     config = config_from_args(args)
-    build_app(config).launch(**launch_options(args, config))
+    try:
+        demo = build_app(config)
+    except ValueError as exc:  # the Ray cluster can't be reached or can't hold the workers
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        demo.launch(**launch_options(args, config))
+    finally:
+        demo.job_queue.close()
+        if demo.cluster is not None:
+            demo.cluster.close()

@@ -116,6 +116,7 @@ class AppConfig:
     compile: bool = False  # torch.compile the transformer's blocks
     lora_dir: Path = Path("loras")  # the LoRA picker lists this folder's .safetensors files
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
+    ray: Optional[Any] = None  # a scaleout.ClusterOptions: run the jobs on Ray workers instead of in this process
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,11 +306,23 @@ class Page:
     def __init__(self, config: AppConfig):
         self.config = config
         self.outputs = Path(config.outputs)
-        self.runtime = Runtime(config.sources, device=config.device, vram=config.vram, attention=config.attention,
-                               compile=config.compile, lora_dir=config.lora_dir)
+        # with Ray the workers pick their devices; this process only checks files and reads outputs
+        local = config.ray is None
+        self.runtime = Runtime(config.sources, device=config.device if local else "cpu", vram=config.vram,
+                               attention=config.attention if local else "auto", compile=config.compile and local,
+                               lora_dir=config.lora_dir)
         self.runner = FramePackRunner(self.runtime, self.outputs)
+        self.cluster = None
+        runners = self.runner
+        if not local:
+            from ..scaleout import RayCluster, WorkerConfig
+
+            self.cluster = RayCluster(config.ray, WorkerConfig.of(
+                self.runtime, device=config.device, vram=config.vram, attention=config.attention,
+                compile=config.compile), self.outputs)
+            runners = self.cluster.runners()
         # the outputs folder's queue file keeps queued jobs (Add to queue, batches) over restarts
-        self.jobs = JobQueue(self.runner, store=JobStore(self.outputs))
+        self.jobs = JobQueue(runners, store=JobStore(self.outputs))
         self.snapshots = VideoSnapshots()
         self._resuming = threading.Lock()  # two pages pressing Resume on the same job at once start it once
         # A job killed with the app (power loss, closed window) is offered for resuming when it starts again
@@ -400,6 +413,7 @@ class Page:
     def busy_outputs(self) -> set[Path]:
         """Final video paths of the jobs queued or running in this app."""
         busy = {job.request.resume for job in self.jobs.active() if job.request.resume is not None}
+        busy.update(job.output for job in self.jobs.running_jobs() if job.output is not None)
         if self.runner.running is not None:
             busy.add(self.runner.running)
         return busy | self.jobs.stored_outputs()  # queued jobs continue theirs by themselves
@@ -648,5 +662,6 @@ def build_app(config: Optional[AppConfig] = None) -> gr.Blocks:
     accept_uploads_by_any_name(demo)
     demo.page = page
     demo.job_queue = page.jobs  # for the caller's shutdown and for tests
+    demo.cluster = page.cluster  # the Ray workers, with --ray (closed after the job queue)
     demo.snapshots = page.snapshots
     return demo
