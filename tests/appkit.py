@@ -76,9 +76,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(outputs: Path, sources, defaults: GenerationSettings = SMALL, **launch) -> Iterator[tuple[str, object]]:
-    """Build and launch the app on a free local port; yields (url, demo) and shuts everything down."""
-    demo = build_app(AppConfig(outputs=outputs, sources=sources, device="cpu", defaults=defaults))
+def running_app(outputs: Path, sources, defaults: GenerationSettings = SMALL, ray=None,
+                **launch) -> Iterator[tuple[str, object]]:
+    """Build and launch the app on a free local port (its jobs on Ray workers with `ray`, a
+    scaleout.ClusterOptions); yields (url, demo) and shuts everything down."""
+    demo = build_app(AppConfig(outputs=outputs, sources=sources, device="cpu", defaults=defaults, ray=ray))
     options = dict(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                    allowed_paths=[str(Path(outputs).resolve())], app_kwargs=server_kwargs())
     options.update(launch)
@@ -87,6 +89,8 @@ def running_app(outputs: Path, sources, defaults: GenerationSettings = SMALL, **
         yield url, demo
     finally:
         demo.job_queue.close()
+        if demo.cluster is not None:
+            demo.cluster.close()
         demo.close()
         demo.snapshots.close()
 
