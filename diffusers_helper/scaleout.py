@@ -302,7 +302,7 @@ def _files_back(output: Path, sent: dict[str, tuple]) -> FilesBack:
 class RayCluster:
     """A Ray cluster joined (or started, for "local") and its long-lived actors, one per slot."""
 
-    MARKER = ".framepack-ray-share"
+    MARKER = ".framepack-ray-share-"  # + a random token: each check has its own marker file
 
     def __init__(self, options: ClusterOptions, config: WorkerConfig, outputs: Path | str, *,
                  stream: Optional[bool] = None):
@@ -314,8 +314,11 @@ class RayCluster:
         self._stream = stream  # None: share the folder when the worker sees it; True: always send files back
         self._started = False
         self._connect()
-        self.workers, self.resources = self._plan()
-        self._token = secrets.token_hex(8)
+        try:
+            self.workers, self.resources = self._plan()
+        except ValueError:
+            self.close()  # a cluster started here for nothing is stopped again
+            raise
         self._runners = [RayRunner(self, index) for index in range(self.workers)]
 
     def _connect(self) -> None:
@@ -366,17 +369,18 @@ class RayCluster:
         """Whether `actor` writes into the outputs folder itself (it sees it), else files come back."""
         if self._stream:
             return False
-        marker = self.outputs / self.MARKER
+        token = secrets.token_hex(8)
+        marker = self.outputs / f"{self.MARKER}{token}"
         try:
             self.outputs.mkdir(parents=True, exist_ok=True)
-            marker.write_text(self._token, encoding="utf-8")
-            return bool(self.ray.get(actor.shares.remote(str(self.outputs), self.MARKER, self._token)))
+            marker.write_text(token, encoding="utf-8")
+            return bool(self.ray.get(actor.shares.remote(str(self.outputs), marker.name, token)))
         finally:
             marker.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop every actor (their jobs stop where they are) and leave the cluster (stopping it if started here)."""
-        for runner in self._runners:
+        for runner in getattr(self, "_runners", ()):
             runner.stop()
         if self._started and self.ray.is_initialized():
             self.ray.shutdown()

@@ -279,3 +279,16 @@ def test_the_app_with_ray_runs_page_and_queued_jobs_on_the_workers_and_shows_whe
         assert video.parent == outputs.resolve() and torch.equal(latents(video), latents(alone[prompt]))
         assert record(video)["worker"]["actor"]
     assert any("on ray worker" in status for status in seen), seen  # the panel says where it runs
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_and_the_cluster_stopped(tiny_sources, tmp_path):
+    import ray
+
+    from diffusers_helper.runtime import Runtime
+    from diffusers_helper.scaleout import ClusterOptions, RayCluster, WorkerConfig
+
+    config = WorkerConfig.of(Runtime(tiny_sources, device="cpu"), device="cpu")
+    with pytest.raises(ValueError, match=r"64 workers with 1 CPU cores each need 64; the Ray cluster has \d+"):
+        RayCluster(ClusterOptions("local", workers=64, cpus_per_worker=1), config, tmp_path / "outputs")
+    assert not ray.is_initialized()
+    assert not (tmp_path / "outputs").exists()  # nothing written
