@@ -190,6 +190,7 @@ def test_f1_extension_equals_the_longer_run(tiny_components, image, tmp_path, fa
     assert all((tmp_path / name).read_bytes() == data for name, data in before.items())  # the old files as they were
 
 
+@pytest.mark.slow  # several whole jobs: in the full run
 def test_f1_extension_with_a_new_seed_draws_fresh_and_resumes_exactly(tiny_components, image, tmp_path, fast):
     components = tiny_components("f1")
     settings = fast.replace(model="f1", cache="none")

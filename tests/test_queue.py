@@ -375,6 +375,7 @@ def test_page_batches_make_every_combination_with_their_seeds():
         combinations(base, [IMAGE] * 20, ["p"] * 10, 10, "fixed")
 
 
+@pytest.mark.slow  # several whole jobs: in the full run
 def test_a_batch_files_jobs_each_give_the_latents_of_the_job_run_alone(pictures, tmp_path, tiny_sources,
                                                                        tiny_shared, tiny_components):
     import torch
