@@ -134,6 +134,14 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class Renamed:
+    """From a worker: the job writes NAME.mp4 under another name than the one it was given (what an earlier
+    attempt left there could not be continued, so it started afresh beside it)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class FilesBack:
     """From a worker that does not share the outputs folder: the job's name (NAME of NAME.mp4), its files
     that changed (name -> bytes) and the names of all of them now (the others were removed there:
@@ -203,8 +211,12 @@ class Worker:
         thread = threading.Thread(target=_drive, args=(FramePackRunner(self.runtime, folder), job),
                                   name="framepack-ray-job", daemon=True)
         thread.start()
+        named = output.name
         try:
             for event in job.events():
+                if job.output is not None and job.output.name != named:
+                    named = job.output.name
+                    yield Renamed(named)
                 if isinstance(event, TERMINAL):
                     thread.join()  # the job's files and its lock are settled before its end is told
                 if spec.folder is None and isinstance(event, (SectionDone, *TERMINAL)):
@@ -454,11 +466,12 @@ class RayRunner:
         try:
             for ref in actor.run.options(num_returns="streaming").remote(spec):
                 item = ray.get(ref)
+                if isinstance(item, Renamed):
+                    output = output.parent / item.name
+                    job.bind_output(output)  # the queue file follows: the job's video is this one now
+                    continue
                 if isinstance(item, FilesBack):
-                    target = output.parent / f"{item.name}.mp4"
-                    if request.resume is None and target != job.output:
-                        job.bind_output(target)  # the worker named it anew (what was there could not be continued)
-                    _receive(target, item)
+                    _receive(output.parent / f"{item.name}.mp4", item)
                     continue
                 yield _here(item, output.parent)
         except ray.exceptions.RayActorError as exc:

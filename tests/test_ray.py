@@ -292,3 +292,36 @@ def test_more_workers_than_the_cluster_holds_is_refused_and_the_cluster_stopped(
         RayCluster(ClusterOptions("local", workers=64, cpus_per_worker=1), config, tmp_path / "outputs")
     assert not ray.is_initialized()
     assert not (tmp_path / "outputs").exists()  # nothing written
+
+
+def test_a_job_whose_earlier_attempt_cant_be_continued_starts_afresh_and_its_row_follows(tiny_sources, start_image,
+                                                                                         alone, tmp_path):
+    from diffusers_helper.conditioning import load_image
+    from diffusers_helper.jobs import JobQueue, JobRequest
+    from diffusers_helper.jobstore import NewJob
+    from diffusers_helper.runtime import Runtime
+    from diffusers_helper.scaleout import ClusterOptions, RayCluster, WorkerConfig
+
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    store = JobStore(outputs)
+    (row_id,) = store.add([NewJob(JOB.replace(prompt=PROMPTS[2]), load_image(start_image))], pool="test")
+    # an earlier attempt that got as far as its latents, which can't be continued (here: damaged)
+    earlier = outputs / "2025-01-01_00-00-00-000.mp4"
+    store.set_output(row_id, earlier)
+    for suffix, data in ((".json", b"{}"), (".latents.safetensors", b"damaged"), (".png", b"x")):
+        earlier.with_suffix(suffix).write_bytes(data)
+    cluster = RayCluster(ClusterOptions("local", workers=1, cpus_per_worker=1),
+                         WorkerConfig.of(Runtime(tiny_sources, device="cpu"), device="cpu"), outputs)
+    queue = JobQueue(cluster.runners(), store=store, pool="test", poll_s=0.1)
+    try:
+        job = queue._track(store.get(row_id), follow=True)
+        result = list(job.events())[-1]
+    finally:
+        queue.close()
+        cluster.close()
+    assert isinstance(result, Finished), result
+    row = JobStore(outputs).get(row_id)
+    assert row.state == "finished" and row.output.name == result.video_path.name != earlier.name
+    assert torch.equal(latents(result.video_path), latents(alone[PROMPTS[2]]))
+    assert earlier.with_suffix(".latents.safetensors").read_bytes() == b"damaged"  # left as it was
