@@ -297,7 +297,7 @@ def test_more_workers_than_the_cluster_holds_is_refused_and_the_cluster_stopped(
 def test_a_job_whose_earlier_attempt_cant_be_continued_starts_afresh_and_its_row_follows(tiny_sources, start_image,
                                                                                          alone, tmp_path):
     from diffusers_helper.conditioning import load_image
-    from diffusers_helper.jobs import JobQueue, JobRequest
+    from diffusers_helper.jobs import JobQueue
     from diffusers_helper.jobstore import NewJob
     from diffusers_helper.runtime import Runtime
     from diffusers_helper.scaleout import ClusterOptions, RayCluster, WorkerConfig
@@ -305,7 +305,8 @@ def test_a_job_whose_earlier_attempt_cant_be_continued_starts_afresh_and_its_row
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     store = JobStore(outputs)
-    (row_id,) = store.add([NewJob(JOB.replace(prompt=PROMPTS[2]), load_image(start_image))], pool="test")
+    (row_id,) = store.add([NewJob(JOB.replace(prompt=PROMPTS[2]), load_image(start_image))], pool="test",
+                          batch="one")
     # an earlier attempt that got as far as its latents, which can't be continued (here: damaged)
     earlier = outputs / "2025-01-01_00-00-00-000.mp4"
     store.set_output(row_id, earlier)
@@ -315,7 +316,7 @@ def test_a_job_whose_earlier_attempt_cant_be_continued_starts_afresh_and_its_row
                          WorkerConfig.of(Runtime(tiny_sources, device="cpu"), device="cpu"), outputs)
     queue = JobQueue(cluster.runners(), store=store, pool="test", poll_s=0.1)
     try:
-        job = queue._track(store.get(row_id), follow=True)
+        (job,) = queue.batch_jobs("one")
         result = list(job.events())[-1]
     finally:
         queue.close()
