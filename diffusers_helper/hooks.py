@@ -1,6 +1,6 @@
 """Putting our diffusers ModelHooks on blocks and taking them off again, leaving each block as it was.
 
-Weight streaming (offload.py) and TeaCache (teacache.py) both hook the transformer's blocks through
+Weight streaming (offload.py) and the step caches (teacache.py, magcache.py) hook the transformer's blocks through
 diffusers' HookRegistry, possibly on the same blocks, possibly beside hooks of other libraries.
 Removing one must leave the others working and, once none of ours is left, the block exactly as
 it was before (no registry, no instance `forward`, when it had none).
@@ -103,3 +103,40 @@ class StepCacheBlockHook(ModelHook):
     def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
         """A forward argument by name, whether it was passed by keyword or by position."""
         return kwargs[name] if name in kwargs else args[self._names.index(name)]
+
+    # -- one hook per block, for a whole cache ---------------------------------------------------
+
+    @classmethod
+    def install(cls, cache: Any, transformer: torch.nn.Module, name: str, *,
+                innermost_head: bool = False) -> tuple[torch.nn.Module, list[HookedBlock]]:
+        """Put a hook of this class for `cache` on each of the transformer's blocks, double-stream then
+        single-stream (the first is the head, the last the tail); returns (head, what was hooked)."""
+        blocks = cache_blocks(transformer)
+        head, tail = blocks[0], blocks[-1]
+        hooked = [add_hook(block, cls(cache, is_head=block is head, is_tail=block is tail), name,
+                           innermost=innermost_head and block is head) for block in blocks]
+        invalidate_registry_caches(transformer)
+        return head, hooked
+
+    @classmethod
+    def uninstall(cls, cache: Any, transformer: torch.nn.Module, hooked: list[HookedBlock], name: str) -> None:
+        """Take `cache`'s hooks of this class off the blocks `install` hooked (other hooks stay)."""
+        for block in hooked:
+            remove_hook(block, name, mine=lambda hook: isinstance(hook, cls) and hook.cache is cache)
+        invalidate_registry_caches(transformer)
+
+    @classmethod
+    def caches_on(cls, transformer: torch.nn.Module, name: str) -> list:
+        """The caches that have hooks of this class on the transformer's blocks (to replace them)."""
+        found = []
+        for block in cache_blocks(transformer):
+            registry = getattr(block, "_diffusers_hook", None)
+            hook = registry.get_hook(name) if registry is not None else None
+            if isinstance(hook, cls) and hook.cache not in found:
+                found.append(hook.cache)
+        return found
+
+
+def cache_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """A HunyuanVideo-style transformer's blocks in call order: double-stream, then single-stream."""
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)

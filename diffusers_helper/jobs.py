@@ -500,10 +500,11 @@ class JobQueue:
 
     def _sync_known(self) -> None:
         """End the objects of queued jobs that another process ended or that left the queue."""
-        for stored_id, job in list(self._known.items()):
-            if job in self._running or job.done:
-                continue
-            row = self._store.get(stored_id)
+        waiting = {stored_id: job for stored_id, job in list(self._known.items())
+                   if job not in self._running and not job.done}
+        rows = self._store.get_many(list(waiting)) if waiting else {}  # one query, not one per job
+        for stored_id, job in waiting.items():
+            row = rows.get(stored_id)
             if row is None:
                 job.post(Cancelled(video_path=None, frames=0))
             elif row.state in ENDED:
@@ -515,7 +516,7 @@ class JobQueue:
     def _run(self, job: Job, runner: Runner) -> None:
         if job.stored_id is None:
             try:
-                self._stream(job, runner)
+                feed(job, runner)
             except WorkerLost as exc:
                 if self._lost(job, exc):
                     with self._lock:  # first again: its output continues from its last finished section
@@ -528,7 +529,7 @@ class JobQueue:
             with store.inputs(row) as (settings, image):
                 job.request = JobRequest(settings, image, row.resume)
                 job._on_output = lambda output: store.set_output(stored_id, output)
-                self._stream(job, runner, on_section=lambda event: store.set_progress(stored_id, event.section))
+                feed(job, runner, on_section=lambda event: store.set_progress(stored_id, event.section))
         except WorkerLost as exc:
             if self._lost(job, exc):
                 store.end(stored_id, "interrupted", str(exc))  # taken again first, by any worker
@@ -568,25 +569,28 @@ class JobQueue:
         if state != "interrupted":
             self._known.pop(job.stored_id, None)
 
-    def _stream(self, job: Job, runner: Runner, on_section: Optional[Callable[[SectionDone], None]] = None) -> None:
-        if job.cancel_token.cancelled:
-            job.post(Cancelled(video_path=None, frames=0))
-            return
-        try:
-            for event in runner(job):
-                job.post(event)
-                if on_section is not None and isinstance(event, SectionDone):
-                    on_section(event)
-                if job.done:
-                    break
-        except WorkerLost:
-            raise  # not the job's fault: it runs again
-        except Exception as exc:  # noqa: BLE001 - one job's error must not stop the worker
-            logger.exception("job %s failed", job.id)
-            message = str(exc) if isinstance(exc, ValueError) else f"Generation failed: {type(exc).__name__}: {exc}"
-            job.post(Failed(message, advice=exc.advice if isinstance(exc, AdviceError) else ()))
-        if not job.done:
-            job.post(Failed("The generation ended without a result."))
+
+def feed(job: Job, runner: Runner, on_section: Optional[Callable[[SectionDone], None]] = None) -> None:
+    """Run `job` with `runner` on this thread, posting each event to the job's stream; it ends with exactly
+    one last event (an error is a Failed with its message). WorkerLost passes through: the job runs again."""
+    if job.cancel_token.cancelled:
+        job.post(Cancelled(video_path=None, frames=0))
+        return
+    try:
+        for event in runner(job):
+            job.post(event)
+            if on_section is not None and isinstance(event, SectionDone):
+                on_section(event)
+            if job.done:
+                break
+    except WorkerLost:
+        raise  # not the job's fault: it runs again
+    except Exception as exc:  # noqa: BLE001 - one job's error must not stop the worker
+        logger.exception("job %s failed", job.id)
+        message = str(exc) if isinstance(exc, ValueError) else f"Generation failed: {type(exc).__name__}: {exc}"
+        job.post(Failed(message, advice=exc.advice if isinstance(exc, AdviceError) else ()))
+    if not job.done:
+        job.post(Failed("The generation ended without a result."))
 
 
 def _ended_event(row: StoredJob) -> Event:

@@ -194,6 +194,20 @@ def thumbnail_png(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
     return buffer.getvalue()
 
 
+def named_images(settings: GenerationSettings) -> list[tuple[str, str]]:
+    """The images a job's settings name besides its start image, by role: ("end", path), ("keyframe1", path), ..."""
+    named = [("end", settings.end_image)] if settings.end_image else []
+    return named + [(f"keyframe{n}", path) for n, (_, path) in enumerate(settings.keyframes, 1)]
+
+
+def with_copies(settings: GenerationSettings, copy: Callable[[str], str]) -> GenerationSettings:
+    """The settings with the end image and keyframes at the paths `copy(role)` returns (roles as in named_images)."""
+    changes = {"keyframes": tuple((t, copy(f"keyframe{n}")) for n, (t, _) in enumerate(settings.keyframes, 1))}
+    if settings.end_image:
+        changes["end_image"] = copy("end")
+    return settings.replace(**changes)
+
+
 def _image_rows(job: NewJob, cache: dict) -> list[tuple[str, str, bytes]]:
     """(role, suffix, bytes) of a job's images: the start image, copies of its end image and keyframes, a
     thumbnail. `cache` holds what was encoded or read for the jobs before (a batch repeats its images)."""
@@ -206,9 +220,7 @@ def _image_rows(job: NewJob, cache: dict) -> list[tuple[str, str, bytes]]:
             cache[key] = (job.image, png_bytes(job.image), thumbnail_png(job.image))  # the array keeps its id
         _, start, thumb = cache[key]
         rows += [("start", ".png", start), ("thumb", ".png", thumb)]
-    named = [("end", job.settings.end_image)] if job.settings.end_image else []
-    named += [(f"keyframe{n}", path) for n, (_, path) in enumerate(job.settings.keyframes, 1)]
-    for role, path in named:
+    for role, path in named_images(job.settings):
         key = ("file", str(Path(path).resolve()))
         if key not in cache:
             try:
@@ -469,6 +481,14 @@ class JobStore:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return StoredJob.from_row(rows[0]) if rows else None
 
+    def get_many(self, job_ids: Sequence[int]) -> dict[int, StoredJob]:
+        """The jobs of `job_ids` still in the queue, by id."""
+        rows = []
+        for start in range(0, len(job_ids), 500):  # SQLite caps the parameters of one statement
+            chunk = job_ids[start:start + 500]
+            rows += self._read(f"SELECT * FROM jobs WHERE id IN ({_marks(chunk)})", chunk)
+        return {row["id"]: StoredJob.from_row(row) for row in rows}
+
     def jobs(self, *, ended: int = 20) -> list[StoredJob]:
         """The running jobs, then the waiting ones in their order (interrupted first), then the `ended` latest ended."""
         active = self._read(
@@ -507,10 +527,7 @@ class JobStore:
                 path.write_bytes(bytes(rows[role]["data"]))
                 return str(path)
 
-            changes = {"keyframes": tuple((t, copy(f"keyframe{n}")) for n, (t, _) in enumerate(settings.keyframes, 1))}
-            if settings.end_image:
-                changes["end_image"] = copy("end")
-            yield settings.replace(**changes), image
+            yield with_copies(settings, copy), image
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .hooks import StepCacheBlockHook, add_hook, invalidate_registry_caches, remove_hook
+from .hooks import StepCacheBlockHook
 from .settings import MAGCACHE_CALIBRATION_KIND as CALIBRATION_KIND
 from .settings import check_magcache_ratios as check_ratios
 from .settings import load_magcache_ratios as load_ratios
@@ -327,25 +327,16 @@ class MagCache:
     # -- installation --------------------------------------------------------------------------
 
     def _install(self) -> None:
-        blocks = list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
-        head, tail = blocks[0], blocks[-1]
-        self._head = head
-        for block in blocks:
-            hook = _MagCacheBlockHook(self, is_head=block is head, is_tail=block is tail)
-            self._hooked.append(add_hook(block, hook, _HOOK_NAME))
-        invalidate_registry_caches(self.transformer)
+        self._head, self._hooked = _MagCacheBlockHook.install(self, self.transformer, _HOOK_NAME)
 
     def remove(self) -> None:
         """Remove the MagCache hooks, restoring the transformer's original behaviour."""
         if self._removed:
             return
         self._removed = True
-        for hooked in self._hooked:
-            remove_hook(hooked, _HOOK_NAME,
-                        mine=lambda hook: isinstance(hook, _MagCacheBlockHook) and hook.cache is self)
+        _MagCacheBlockHook.uninstall(self, self.transformer, self._hooked, _HOOK_NAME)
         self._hooked = []
         self._branches = [_Branch() for _ in range(self.calls_per_step)]
-        invalidate_registry_caches(self.transformer)
 
     def __repr__(self) -> str:
         return (f"MagCache(threshold={self.config.threshold}, K={self.config.max_skips}, "
@@ -375,16 +366,6 @@ class _MagCacheBlockHook(StepCacheBlockHook):
         return output
 
 
-def _existing(transformer: torch.nn.Module) -> list[MagCache]:
-    found = []
-    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        registry = getattr(block, "_diffusers_hook", None)
-        hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
-        if isinstance(hook, _MagCacheBlockHook) and hook.cache not in found:
-            found.append(hook.cache)
-    return found
-
-
 def apply_magcache(transformer: torch.nn.Module, config: MagCacheSettings, num_steps: int, *,
                    calls_per_step: int = 1) -> MagCache:
     """Apply MagCache (Ma et al., 2025) to a FramePack transformer as removable hooks; replaces any earlier one.
@@ -398,7 +379,7 @@ def apply_magcache(transformer: torch.nn.Module, config: MagCacheSettings, num_s
         raise ValueError("MagCache needs at least one transformer block.")
     if not isinstance(config, MagCacheSettings):
         raise ValueError(f"config must be a MagCacheSettings, not {type(config).__name__}.")
-    for old in _existing(transformer):
+    for old in _MagCacheBlockHook.caches_on(transformer, _HOOK_NAME):
         old.remove()
     cache = MagCache(transformer, config, num_steps, calls_per_step)
     cache._install()

@@ -30,7 +30,6 @@ module does no work and does not import Ray.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import secrets
 import shutil
@@ -42,10 +41,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .events import Event
-from .jobs import TERMINAL, FramePackRunner, Job, JobRequest, WorkerLost, finished_event
+from .jobs import TERMINAL, FramePackRunner, Job, JobRequest, WorkerLost, feed, finished_event
+from .jobstore import named_images, with_copies
 from .outputs import OutputNamer, OutputPaths, atomic_write
-
-logger = logging.getLogger(__name__)
 
 RAY_MISSING = ("Ray is not installed: install it with `pip install .[ray]` (or `pip install -r requirements-ray.txt`) "
                "to run jobs with --ray.")
@@ -208,7 +206,7 @@ class Worker:
         job = Job(spec.key, request, None, output=output)
         self._jobs[spec.key] = job
         sent: dict[str, tuple] = {}
-        thread = threading.Thread(target=_drive, args=(FramePackRunner(self.runtime, folder), job),
+        thread = threading.Thread(target=feed, args=(job, FramePackRunner(self.runtime, folder)),
                                   name="framepack-ray-job", daemon=True)
         thread.start()
         named = output.name
@@ -251,10 +249,7 @@ class Worker:
             path.write_bytes(data)
             return str(path)
 
-        changes = {"keyframes": tuple((t, copy(f"keyframe{n}")) for n, (t, _) in enumerate(spec.settings.keyframes, 1))}
-        if spec.settings.end_image:
-            changes["end_image"] = copy("end")
-        return spec.settings.replace(**changes)
+        return with_copies(spec.settings, copy)
 
 
 def _label() -> dict:
@@ -264,22 +259,6 @@ def _label() -> dict:
     context = ray.get_runtime_context()
     return {"node": context.get_node_id(), "actor": context.get_actor_id(), "host": socket.gethostname(),
             "pid": os.getpid()}
-
-
-def _drive(runner, job) -> None:
-    """Run `job` with `runner` on this thread, posting its events (as the queue's worker thread does)."""
-    from .events import Failed
-
-    try:
-        for event in runner(job):
-            job.post(event)
-            if job.done:
-                break
-    except Exception as exc:  # noqa: BLE001 - the job ends with a message; the actor goes on
-        logger.exception("job %s failed", job.id)
-        job.post(Failed(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"))
-    if not job.done:
-        job.post(Failed("The generation ended without a result."))
 
 
 def _output_files(output: Path) -> dict[str, Path]:
@@ -484,10 +463,8 @@ class RayRunner:
 
 def _image_copies(settings) -> dict:
     """The end image's and keyframes' bytes, by role, to send with a job."""
-    named = [("end", settings.end_image)] if settings.end_image else []
-    named += [(f"keyframe{n}", path) for n, (_, path) in enumerate(settings.keyframes, 1)]
     copies = {}
-    for role, path in named:
+    for role, path in named_images(settings):
         try:
             copies[role] = (Path(path).suffix.lower() or ".png", Path(path).read_bytes())
         except OSError as exc:

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .hooks import StepCacheBlockHook, add_hook, invalidate_registry_caches, remove_hook
+from .hooks import StepCacheBlockHook
 
 __all__ = ["TeaCache", "apply_teacache", "RESCALE_COEFFICIENTS", "DEFAULT_THRESHOLD"]
 
@@ -125,26 +125,18 @@ class TeaCache:
     # -- hook installation ----------------------------------------------------------------------
 
     def _install(self) -> None:
-        blocks = list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
-        head, tail = blocks[0], blocks[-1]
-        self._head = head
-        for block in blocks:
-            hook = _TeaCacheBlockHook(self, is_head=block is head, is_tail=block is tail)
-            # The head calls norm1 itself, so it must run after any hook that puts the block's
-            # weights in place (diffusers group offloading at block level): innermost.
-            self._hooked.append(add_hook(block, hook, _HOOK_NAME, innermost=block is head))
-        invalidate_registry_caches(self.transformer)
+        # The head calls norm1 itself, so it must run after any hook that puts the block's
+        # weights in place (diffusers group offloading at block level): innermost.
+        self._head, self._hooked = _TeaCacheBlockHook.install(self, self.transformer, _HOOK_NAME, innermost_head=True)
 
     def remove(self) -> None:
         """Remove the TeaCache (Liu et al., 2024) hooks, restoring the transformer's original behaviour."""
         if self._removed:
             return
         self._removed = True
-        for hooked in self._hooked:
-            remove_hook(hooked, _HOOK_NAME, mine=lambda hook: isinstance(hook, _TeaCacheBlockHook) and hook.cache is self)
+        _TeaCacheBlockHook.uninstall(self, self.transformer, self._hooked, _HOOK_NAME)
         self._hooked = []
         self.previous_modulated_input = self.previous_residual = self._hidden_in = None
-        invalidate_registry_caches(self.transformer)
 
     def skips_block(self, block: torch.nn.Module) -> bool:
         """Whether `block` is bypassed on the current call (a skipped step), so its weights are not needed.
@@ -195,16 +187,6 @@ class _TeaCacheBlockHook(StepCacheBlockHook):
         return output
 
 
-def _existing(transformer: torch.nn.Module) -> list[TeaCache]:
-    found = []
-    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        registry = getattr(block, "_diffusers_hook", None)
-        hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
-        if isinstance(hook, _TeaCacheBlockHook) and hook.cache not in found:
-            found.append(hook.cache)
-    return found
-
-
 def apply_teacache(transformer: torch.nn.Module, num_steps: int, threshold: float = DEFAULT_THRESHOLD) -> TeaCache:
     """Apply TeaCache (Liu et al., 2024) to a FramePack transformer as removable hooks; replaces any earlier one."""
     for name in ("transformer_blocks", "single_transformer_blocks"):
@@ -214,7 +196,7 @@ def apply_teacache(transformer: torch.nn.Module, num_steps: int, threshold: floa
         raise ValueError("TeaCache needs at least one double-stream block (it reads transformer_blocks[0].norm1).")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"The TeaCache threshold must be a number >= 0, not {threshold!r}.")
-    for old in _existing(transformer):
+    for old in _TeaCacheBlockHook.caches_on(transformer, _HOOK_NAME):
         old.remove()
     cache = TeaCache(transformer, num_steps, threshold)
     cache._install()

@@ -573,21 +573,11 @@ class SectionVideoWriter:
         self._work = None
 
     def _encode_segment(self, pixels: torch.Tensor, work: Path, kind: str) -> _Segment:
-        self._counter += 1
-        seg_path = work / f"{self._counter:06d}-{kind}.mp4"
+        """A segment of decoded pixels (at least one frame)."""
         frames = to_uint8_frames(pixels)
-        try:
-            self.frames_encoded += len(frames)
-            info = _encode_frames(frames, seg_path, fps=self.fps, crf=self.crf)
-            if self._extradata is None:
-                self._extradata = info.extradata
-            elif info.extradata != self._extradata:
-                # Joined segments share the first one's SPS/PPS, so they must be identical.
-                raise RuntimeError("the encoder produced different stream parameters for a segment; cannot join")
-        except BaseException:
-            _unlink_quietly(seg_path)
-            raise
-        return _Segment(path=seg_path, frames=info.frames, delay=info.delay)
+        if len(frames) == 0:
+            raise ValueError("a segment needs at least one frame")
+        return self._encode_stream_segment(iter(frames), work, kind)
 
     # -- frames that come before the sections (a video being extended) ------------------------
 
@@ -692,6 +682,7 @@ class SectionVideoWriter:
             if self._extradata is None:
                 self._extradata = info.extradata
             elif info.extradata != self._extradata:
+                # Joined segments share the first one's SPS/PPS, so they must be identical.
                 raise RuntimeError("the encoder produced different stream parameters for a segment; cannot join")
         except BaseException:
             _unlink_quietly(seg_path)

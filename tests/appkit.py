@@ -61,6 +61,18 @@ def chromium_page(profile: Path, height: int = 1000) -> Iterator[object]:
             context.close()
 
 
+def open_with_image(page, url: str, image: Path) -> list[str]:
+    """Open the app's page, upload `image` as the start image and wait until the page shows it; returns the
+    list that collects the page's script errors from now on (tests assert it stays empty)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.wait_for_selector("#fp-start", timeout=60_000)
+    page.set_input_files("#fp-image input[type=file]", str(image))
+    page.wait_for_selector("#fp-image img", timeout=60_000)
+    return errors
+
+
 def wait_for_final_video(page, timeout_ms: int) -> None:
     """Wait until the page's progress says finished and its final <video> has a frame to show."""
     page.wait_for_function(
@@ -136,6 +148,26 @@ def wait_until(condition: Callable[[], object], timeout: float = JOB_TIMEOUT, wh
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def history_latents(video: Path):
+    """The latents a job saved beside its video NAME.mp4 (NAME.latents.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(video.with_name(video.name[: -len(".mp4")] + ".latents.safetensors")))["history_latents"]
+
+
+def kill_when(proc, condition: Callable[[], object], what: str) -> None:
+    """SIGKILL `proc` as soon as `condition()` holds (it must still run then); it is reaped either way."""
+    import signal
+
+    try:
+        wait_until(lambda: condition() or proc.poll() is not None, what=what)
+        assert proc.poll() is None, f"the process ended before {what}: {proc.stdout.read() if proc.stdout else ''}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def assert_no_debris(folder: Path) -> None:

@@ -78,6 +78,26 @@ def tiny_shared(tiny_sources):
 
 
 @pytest.fixture(scope="session")
+def run_alone(tiny_components, tmp_path_factory) -> Callable[..., dict]:
+    """Factory: `run_alone(settings, prompts, image)` runs the job once per prompt, each alone in this
+    process, and gives prompt -> its final video (the reference a queued or remote run must equal)."""
+    from diffusers_helper.events import Finished
+    from diffusers_helper.pipeline import generate
+
+    def run(settings: GenerationSettings, prompts, image) -> dict:
+        folder = tmp_path_factory.mktemp("alone")
+        videos = {}
+        for number, prompt in enumerate(prompts):
+            out = folder / f"alone{number}.mp4"
+            events = list(generate(tiny_components(settings.model), settings.replace(prompt=prompt), image, out))
+            assert isinstance(events[-1], Finished), events[-1]
+            videos[prompt] = out
+        return videos
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def tiny_components(tiny_sources, tiny_shared) -> Callable[[str], object]:
     """Factory: `tiny_components("framepack" | "f1")` gives CPU fp32 Components, each variant loaded once.
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from appkit import chromium_page, free_port, wait_for_final_video
+from appkit import chromium_page, free_port, open_with_image, wait_for_final_video
 from diffusers_helper.app import CSS, AppConfig, build_app, theme
 from diffusers_helper.settings import GenerationSettings
 
@@ -122,13 +122,7 @@ async (selector) => {
 def test_generate_in_a_real_browser(app_url, tmp_path):
     image = landscape(tmp_path / "lake.png")
     with chromium_page(tmp_path / "chromium-profile") as page:
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(app_url)
-        page.wait_for_selector("#fp-start", timeout=60_000)
-
-        page.set_input_files("#fp-image input[type=file]", str(image))
-        page.wait_for_selector("#fp-image img", timeout=60_000)
+        errors = open_with_image(page, app_url, image)
         page.fill("#fp-prompt textarea", PROMPT)
         page.evaluate(WATCH)
         page.click("#fp-start")
@@ -232,12 +226,7 @@ def test_end_frame_keyframe_and_timed_prompt_in_a_real_browser(app_url, tmp_path
     Image.fromarray(np.ascontiguousarray(picture[:, ::-1]).astype(np.uint8)).save(keyframe)
     prompt = "[0s: The sun sets slowly over the lake] [1.2s: Night falls and stars appear over the water]"
     with chromium_page(tmp_path / "chromium-profile", height=1400) as page:
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(app_url)
-        page.wait_for_selector("#fp-start", timeout=60_000)
-        page.set_input_files("#fp-image input[type=file]", str(start))
-        page.wait_for_selector("#fp-image img", timeout=60_000)
+        errors = open_with_image(page, app_url, start)
         page.fill("#fp-prompt textarea", prompt)
         assert "[0s: a cat sits]" in page.inner_text("#fp-prompt-help")  # the marker syntax is shown under the prompt
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from appkit import chromium_page, free_port, wait_for_final_video
+from appkit import chromium_page, free_port, open_with_image, wait_for_final_video
 from diffusers_helper.app import CSS, AppConfig, build_app, theme
 from diffusers_helper.loading import load_transformer
 from diffusers_helper.settings import GenerationSettings
@@ -42,12 +42,7 @@ def test_pick_a_lora_and_its_weight_and_get_a_video(app, tmp_path):
     url, outputs = app
     image = landscape(tmp_path / "lake.png", 256, 192)
     with chromium_page(tmp_path / "chromium-profile") as page:
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(url)
-        page.wait_for_selector("#fp-start", timeout=60_000)
-        page.set_input_files("#fp-image input[type=file]", str(image))
-        page.wait_for_selector("#fp-image img", timeout=60_000)
+        errors = open_with_image(page, url, image)
         page.fill("#fp-prompt textarea", "Paint drips slowly down the canvas.")
 
         page.click("#fp-loras button")  # open the folded LoRA section

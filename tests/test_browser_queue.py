@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appkit import chromium_page, running_app
+from appkit import chromium_page, open_with_image, running_app
 from diffusers_helper.jobstore import JobStore
 from diffusers_helper.settings import GenerationSettings
 
@@ -42,12 +42,7 @@ def test_a_queued_batch_is_reordered_trimmed_and_finishes_in_a_real_browser(brow
     outputs = tmp_path / "outputs"
     with running_app(outputs, tiny_sources, defaults=SETTINGS) as (url, _demo), \
             chromium_page(tmp_path / "chromium-profile", height=1800) as page:
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(url)
-        page.wait_for_selector("#fp-start", timeout=60_000)
-        page.set_input_files("#fp-image input[type=file]", str(image))
-        page.wait_for_selector("#fp-image img", timeout=60_000)
+        errors = open_with_image(page, url, image)
         # a long job started on the page holds the worker while the batch is arranged
         seconds = page.locator("#fp-seconds input[type=number]")
         seconds.fill("20")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appkit import chromium_page, running_app
+from appkit import chromium_page, open_with_image, running_app
 from diffusers_helper.jobstore import JobStore
 from diffusers_helper.settings import GenerationSettings
 
@@ -37,12 +37,7 @@ def test_a_batch_queued_on_the_page_runs_on_ray_workers_and_the_panel_says_where
     with running_app(outputs, tiny_sources, defaults=SETTINGS,
                      ray=ClusterOptions("local", workers=2, cpus_per_worker=1)) as (url, _demo), \
             chromium_page(tmp_path / "chromium-profile", height=1800) as page:
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(url)
-        page.wait_for_selector("#fp-start", timeout=60_000)
-        page.set_input_files("#fp-image input[type=file]", str(image))
-        page.wait_for_selector("#fp-image img", timeout=60_000)
+        errors = open_with_image(page, url, image)
         page.click("text=Queue and batches")
         page.fill("#fp-batch-prompts textarea", "on the left\non the right")
         page.click("#fp-add-to-queue")

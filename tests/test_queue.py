@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from appkit import wait_until
 from diffusers_helper.events import Cancelled, Finished, Stage
 from diffusers_helper.jobs import FramePackRunner, JobQueue, JobRequest
 from diffusers_helper.jobstore import FILENAME, JobStore, NewJob, decode_png, process_alive, process_identity
@@ -28,16 +28,6 @@ IMAGE = np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8)
 
 def settings(**changes) -> GenerationSettings:
     return GenerationSettings(**{"seconds": 1, "window": 2, "steps": 1, "resolution": 64, **changes})
-
-
-def wait_for(condition, timeout: float = TIMEOUT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 class Recorder:
@@ -208,7 +198,7 @@ def test_queued_jobs_run_in_order_after_the_pages_jobs(tmp_path):
     queue = JobQueue(runner, store=JobStore(tmp_path))
     try:
         page_job = queue.submit(JobRequest(settings(prompt="page 1"), IMAGE), owner="tab")
-        wait_for(lambda: runner.started == ["page 1"])
+        wait_until(lambda: runner.started == ["page 1"])
         followed = queue.enqueue([JobRequest(settings(prompt=p), IMAGE) for p in ("q1", "q2")], owner="me",
                                  follow=True)
         second_page = queue.submit(JobRequest(settings(prompt="page 2"), IMAGE), owner="tab 2")
@@ -230,7 +220,7 @@ def test_closing_interrupts_the_running_job_and_the_next_queue_continues_it_firs
     runner = Recorder(gated=True)
     queue = JobQueue(runner, store=JobStore(tmp_path))
     queue.enqueue([JobRequest(settings(prompt=p), IMAGE) for p in ("first", "second", "third")], owner="me")
-    wait_for(lambda: runner.started == ["first"])
+    wait_until(lambda: runner.started == ["first"])
     assert queue.stored_outputs() == {tmp_path / "first.mp4"}  # rebased on the store's folder
     queue.close()
     assert queued(JobStore(tmp_path)) == [("first", "interrupted"), ("second", "waiting"), ("third", "waiting")]
@@ -238,7 +228,7 @@ def test_closing_interrupts_the_running_job_and_the_next_queue_continues_it_firs
     again = Recorder()
     restarted = JobQueue(again, store=JobStore(tmp_path))  # starts its worker at once: there are jobs to run
     try:
-        wait_for(lambda: [s for _, s in queued(restarted.store)] == ["finished"] * 3, what="the jobs to finish")
+        wait_until(lambda: [s for _, s in queued(restarted.store)] == ["finished"] * 3, what="the jobs to finish")
         assert again.started == ["first", "second", "third"]
         assert again.outputs["first"] == Path("/videos/first.mp4") and again.outputs["second"] is None
     finally:
@@ -251,17 +241,17 @@ def test_waiting_queued_jobs_can_be_removed_moved_retried_and_stopped(tmp_path):
     try:
         jobs = queue.enqueue([JobRequest(settings(prompt=p), IMAGE) for p in "abc"], owner="me", follow=True)
         a, b, c = (job.stored_id for job in jobs)
-        wait_for(lambda: runner.started == ["a"])
+        wait_until(lambda: runner.started == ["a"])
         assert queue.move(c, -1) and queue.remove(b)
         assert isinstance(jobs[1].result, Cancelled)
         assert queue.stop(a) and not queue.stop(c)
-        assert isinstance(jobs[0].result, Cancelled) or wait_for(lambda: jobs[0].done)
-        wait_for(lambda: runner.started == ["a", "c"])
+        assert isinstance(jobs[0].result, Cancelled) or wait_until(lambda: jobs[0].done)
+        wait_until(lambda: runner.started == ["a", "c"])
         runner.gate("c").set()
-        wait_for(lambda: queue.store.get(c).state == "finished")
+        wait_until(lambda: queue.store.get(c).state == "finished")
         assert queue.store.get(a).state == "cancelled" and queue.retry(a)
         runner.gate("a").set()
-        wait_for(lambda: queue.store.get(a).state == "finished")
+        wait_until(lambda: queue.store.get(a).state == "finished")
         assert runner.started == ["a", "c", "a"]
     finally:
         queue.close()
@@ -281,7 +271,7 @@ def test_a_queued_job_whose_video_is_in_place_is_not_run_again(tmp_path):
     runner = FramePackRunner(Runtime(lambda: pytest.fail("no model is needed"), device="cpu"), tmp_path)
     queue = JobQueue(runner, store=store)
     try:
-        wait_for(lambda: store.get(job_id).state == "finished")
+        wait_until(lambda: store.get(job_id).state == "finished")
     finally:
         queue.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([FILENAME, video.name, video.with_suffix(".json").name])

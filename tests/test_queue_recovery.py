@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,12 +22,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from appkit import assert_no_debris, form, free_port, running_app, wait_until
-from diffusers_helper.events import Finished
+from appkit import assert_no_debris, form, free_port, history_latents, kill_when, running_app, wait_until
 from diffusers_helper.jobstore import FILENAME, JobStore
-from diffusers_helper.pipeline import generate
 from diffusers_helper.settings import GenerationSettings
 from diffusers_helper.video import read_frames
 
@@ -52,35 +48,17 @@ def start_image(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_components, start_image, tmp_path_factory) -> dict[str, Path]:
+def alone(run_alone, start_image) -> dict[str, Path]:
     """Each of the four jobs run alone in this process: prompt -> its final video."""
-    folder = tmp_path_factory.mktemp("alone")
-    videos = {}
-    for number, prompt in enumerate(PROMPTS):
-        out = folder / f"alone{number}.mp4"
-        events = list(generate(tiny_components("framepack"), JOB.replace(prompt=prompt), start_image, out))
-        assert isinstance(events[-1], Finished), events[-1]
-        videos[prompt] = out
-    return videos
+    return run_alone(JOB, PROMPTS, start_image)
 
 
-def latents(video: Path) -> torch.Tensor:
-    return load_file(str(video.with_name(video.name[: -len(".mp4")] + ".latents.safetensors")))["history_latents"]
+latents = history_latents
 
 
 def source_flags(sources) -> list[str]:
     return ["--hunyuan", str(sources.hunyuan), "--siglip", str(sources.siglip),
             "--framepack-transformer", str(sources.transformer("framepack"))]
-
-
-def kill_when(proc: subprocess.Popen, condition, what: str) -> None:
-    try:
-        wait_until(lambda: condition() or proc.poll() is not None, what=what)
-        assert proc.poll() is None, f"the process ended before {what}: {proc.stdout.read() if proc.stdout else ''}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def partials(outputs: Path) -> list[Path]:

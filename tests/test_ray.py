@@ -25,12 +25,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from appkit import wait_until
+from appkit import history_latents, wait_until
 from diffusers_helper.events import Failed, Finished
 from diffusers_helper.jobstore import JobStore
-from diffusers_helper.pipeline import generate
 from diffusers_helper.settings import GenerationSettings
 from diffusers_helper.video import read_frames
 
@@ -53,16 +51,9 @@ def start_image(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_components, start_image, tmp_path_factory) -> dict[str, Path]:
+def alone(run_alone, start_image) -> dict[str, Path]:
     """Each of the four jobs run alone in this process: prompt -> its final video."""
-    folder = tmp_path_factory.mktemp("alone")
-    videos = {}
-    for number, prompt in enumerate(PROMPTS):
-        out = folder / f"alone{number}.mp4"
-        events = list(generate(tiny_components("framepack"), JOB.replace(prompt=prompt), start_image, out))
-        assert isinstance(events[-1], Finished), events[-1]
-        videos[prompt] = out
-    return videos
+    return run_alone(JOB, PROMPTS, start_image)
 
 
 @pytest.fixture
@@ -72,8 +63,7 @@ def batch_file(start_image, tmp_path) -> Path:
     return path
 
 
-def latents(video: Path) -> torch.Tensor:
-    return load_file(str(video.with_name(video.name[: -len(".mp4")] + ".latents.safetensors")))["history_latents"]
+latents = history_latents
 
 
 def batch_argv(batch_file: Path, outputs: Path, sources, *ray: str) -> list[str]:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +32,9 @@ from appkit import (
     call_raw,
     final_video,
     form,
+    history_latents,
     is_video,
+    kill_when,
     png_claiming,
     progress_message,
     progress_state,
@@ -569,21 +570,8 @@ def uninterrupted(tiny_components, start_image, tmp_path_factory) -> Path:
 
 
 def _same_result(resumed: Path, reference: Path) -> None:
-    def latents(video: Path):
-        return load_file(str(video.with_name(video.name[: -len(".mp4")] + ".latents.safetensors")))["history_latents"]
-
-    assert torch.equal(latents(resumed), latents(reference))
+    assert torch.equal(history_latents(resumed), history_latents(reference))
     assert np.array_equal(read_frames(resumed), read_frames(reference))
-
-
-def _kill_when(proc: subprocess.Popen, condition, what: str) -> None:
-    try:
-        wait_until(lambda: condition() or proc.poll() is not None, what=what)
-        assert proc.poll() is None, f"the process ended before {what}: {proc.stdout.read() if proc.stdout else ''}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def test_the_cli_killed_mid_job_resumes_to_the_uninterrupted_result(tiny_sources, start_image, uninterrupted, tmp_path):
@@ -593,7 +581,7 @@ def test_the_cli_killed_mid_job_resumes_to_the_uninterrupted_result(tiny_sources
             "--resolution", "64", "--seed", str(LONG.seed), "--no-teacache", "--device", "cpu",
             *_source_flags(tiny_sources)]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _kill_when(proc, lambda: list(tmp_path.glob("cut.part*.mp4")), "the first section's video")
+    kill_when(proc, lambda: list(tmp_path.glob("cut.part*.mp4")), "the first section's video")
     assert not out.exists(), "the job finished before it could be killed"
     record = json.loads((tmp_path / "cut.json").read_text())
     assert record["status"] == "running"  # nobody got to say how it ended
@@ -631,7 +619,7 @@ def test_the_app_killed_mid_job_lists_it_on_the_next_start_and_resumes_it(tiny_s
         assert proc.poll() is None, proc.stdout.read()
         c.submit(handle_file(str(start_image)), *form(LONG), api_name="/generate")
     finally:
-        _kill_when(proc, lambda: [p for p in outputs.glob("*.part*.mp4") if not p.name.startswith(".")],
+        kill_when(proc, lambda: [p for p in outputs.glob("*.part*.mp4") if not p.name.startswith(".")],
                    "the first section's video")
     (sidecar,) = outputs.glob("*.json")
     stem = sidecar.name[: -len(".json")]
