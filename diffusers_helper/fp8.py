@@ -32,12 +32,14 @@ Importing this module does no work.
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-import types
+
+from .hooks import BLOCK_LISTS, check_block_lists
 
 __all__ = ["FP8_DTYPE", "FP8_LAYERS", "Fp8Weights", "apply_fp8", "fp8_applied", "fp8_layers", "quantize",
            "dequantize", "GRANULARITIES"]
@@ -108,11 +110,9 @@ class _Layer:
 
 def fp8_layers(transformer: torch.nn.Module, layers: re.Pattern = FP8_LAYERS) -> Iterator[tuple[str, torch.nn.Linear]]:
     """(qualified name, layer) of every Linear stored in fp8: `layers` (FP8_LAYERS) inside the transformer's blocks."""
-    for list_name in ("transformer_blocks", "single_transformer_blocks"):
-        blocks = getattr(transformer, list_name, None)
-        if not isinstance(blocks, torch.nn.ModuleList):
-            raise ValueError(f"fp8 weights need a HunyuanVideo-style transformer with `{list_name}`.")
-        for index, block in enumerate(blocks):
+    check_block_lists(transformer, "fp8 weights need")
+    for list_name in BLOCK_LISTS:
+        for index, block in enumerate(getattr(transformer, list_name)):
             for name, module in block.named_modules():
                 if isinstance(module, torch.nn.Linear) and layers.fullmatch(name):
                     yield f"{list_name}.{index}.{name}", module

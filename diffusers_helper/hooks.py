@@ -137,6 +137,24 @@ class StepCacheBlockHook(ModelHook):
         return found
 
 
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def check_block_lists(transformer: torch.nn.Module, needs: str) -> None:
+    """ValueError unless the transformer has HunyuanVideo's two lists of blocks; `needs` begins the message
+    ("TeaCache needs")."""
+    for name in BLOCK_LISTS:
+        if not isinstance(getattr(transformer, name, None), torch.nn.ModuleList):
+            raise ValueError(f"{needs} a HunyuanVideo-style transformer with `{name}`.")
+
+
+def check_steps(steps: Any, name: str = "num_steps") -> int:
+    """`steps` if it is a positive integer (not a bool), else ValueError naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name} must be a positive integer, not {steps!r}.")
+    return steps
+
+
 def cache_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """A HunyuanVideo-style transformer's blocks in call order: double-stream, then single-stream."""
     return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)

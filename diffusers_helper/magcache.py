@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .hooks import StepCacheBlockHook
+from .hooks import StepCacheBlockHook, check_block_lists, check_steps
 from .settings import MAGCACHE_CALIBRATION_KIND as CALIBRATION_KIND
 from .settings import check_magcache_ratios as check_ratios
 from .settings import load_magcache_ratios as load_ratios
@@ -97,8 +97,7 @@ def interpolate_ratios(ratios: Sequence[float], steps: int) -> tuple[float, ...]
     MagCache's authors pick the nearest entry; ratios change smoothly from step to step, so a
     linear blend of the two nearest is at least as close. The first entry stays 1 (no earlier residual).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, not {steps!r}.")
+    check_steps(steps, "steps")
     table = np.asarray([float(r) for r in ratios], dtype=np.float64)
     if table.size == steps:
         return tuple(float(r) for r in table)
@@ -258,9 +257,7 @@ class MagCache:
     def reset(self, num_steps: Optional[int] = None) -> None:
         """Start a new run of `num_steps` sampling steps (one FramePack section): schedule, counters, residuals."""
         if num_steps is not None:
-            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-                raise ValueError(f"num_steps must be a positive integer, not {num_steps!r}.")
-            self.num_steps = num_steps
+            self.num_steps = check_steps(num_steps)
             self.schedule = self.config.schedule(num_steps)
         self.calls = 0
         self.computed = 0
@@ -372,9 +369,7 @@ def apply_magcache(transformer: torch.nn.Module, config: MagCacheSettings, num_s
 
     `calls_per_step` is 2 when the sampler calls the model twice per step (real CFG).
     """
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        if not isinstance(getattr(transformer, name, None), torch.nn.ModuleList):
-            raise ValueError(f"MagCache needs a HunyuanVideo-style transformer with `{name}`.")
+    check_block_lists(transformer, "MagCache needs")
     if len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks) == 0:
         raise ValueError("MagCache needs at least one transformer block.")
     if not isinstance(config, MagCacheSettings):

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .hooks import StepCacheBlockHook
+from .hooks import StepCacheBlockHook, check_block_lists, check_steps
 
 __all__ = ["TeaCache", "apply_teacache", "RESCALE_COEFFICIENTS", "DEFAULT_THRESHOLD"]
 
@@ -65,9 +65,7 @@ class TeaCache:
     def reset(self, num_steps: Optional[int] = None) -> None:
         """Start a new TeaCache (Liu et al., 2024) run of ``num_steps`` calls, e.g. one FramePack section."""
         if num_steps is not None:
-            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-                raise ValueError(f"num_steps must be a positive integer, not {num_steps!r}.")
-            self.num_steps = num_steps
+            self.num_steps = check_steps(num_steps)
         self.cnt = 0
         self.accumulated = 0.0
         self.previous_modulated_input: Optional[torch.Tensor] = None
@@ -189,9 +187,7 @@ class _TeaCacheBlockHook(StepCacheBlockHook):
 
 def apply_teacache(transformer: torch.nn.Module, num_steps: int, threshold: float = DEFAULT_THRESHOLD) -> TeaCache:
     """Apply TeaCache (Liu et al., 2024) to a FramePack transformer as removable hooks; replaces any earlier one."""
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        if not isinstance(getattr(transformer, name, None), torch.nn.ModuleList):
-            raise ValueError(f"TeaCache needs a HunyuanVideo-style transformer with `{name}`.")
+    check_block_lists(transformer, "TeaCache needs")
     if len(transformer.transformer_blocks) == 0:
         raise ValueError("TeaCache needs at least one double-stream block (it reads transformer_blocks[0].norm1).")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
