@@ -14,6 +14,7 @@ from .options import (
     EXIT_CANCELLED,
     EXIT_FAILED,
     OneLineParser,
+    add_lora_dir_argument,
     add_runtime_arguments,
     add_settings_arguments,
     add_source_arguments,
@@ -40,8 +41,7 @@ def build_parser() -> OneLineParser:
     gen.add_argument("--output", required=True, help="the MP4 to write (never overwritten)")
     add_settings_arguments(gen, required=("prompt",))
     gen.add_argument("--save-latents", metavar="PATH", help="also write the latents (safetensors, tensor 'history_latents')")
-    gen.add_argument("--lora-dir", metavar="DIR", default="loras",
-                     help="a --lora given as a bare file name is looked for here first (default: loras)")
+    add_lora_dir_argument(gen, "a --lora given as a bare file name is looked for here first")
     add_runtime_arguments(gen)
     add_source_arguments(gen)
 
@@ -49,9 +49,8 @@ def build_parser() -> OneLineParser:
     res.add_argument("output", help="the job's final video path, e.g. outputs/2025-05-01_12-30-05-123.mp4")
     add_runtime_arguments(res)
     add_source_arguments(res)
-    res.add_argument("--lora-dir", metavar="DIR", default="loras",
-                     help="where to look for the job's LoRAs by file name when they are no longer where it found "
-                          "them (default: loras)")
+    add_lora_dir_argument(res, "where to look for the job's LoRAs by file name when they are no longer where it "
+                               "found them")
 
     _add_extend_parser(sub)
 
@@ -96,7 +95,6 @@ def generate(args) -> int:
     from .conditioning import load_image
     from .outputs import OutputPaths
     from .pipeline import check_images
-    from .runtime import Runtime
 
     # 1. Everything that can be checked cheaply is checked before any model loads.
     try:
@@ -111,8 +109,7 @@ def generate(args) -> int:
         clash += [Path(p) for p in [args.save_latents] if p and Path(p).exists()]
         if clash:
             raise ValueError(f"{clash[0]} already exists; choose another name (outputs are never overwritten).")
-        runtime = Runtime(sources_from_args(args, settings.model), device=args.device, vram=args.vram,
-                          attention=args.attention, compile=args.compile, lora_dir=args.lora_dir)
+        runtime = _runtime(args, settings.model)
         runtime.check(settings.model, settings.loras)
     except ValueError as exc:
         return user_error(str(exc))
@@ -125,13 +122,11 @@ def resume(args) -> int:
     """`resume`: check the job's files and the sources, open the models, continue the job."""
     from .outputs import remove_stale_files
     from .pipeline import load_resume_state
-    from .runtime import Runtime
 
     output = Path(args.output)
     try:
         state = load_resume_state(output)
-        runtime = Runtime(sources_from_args(args, state.settings.model), device=args.device, vram=args.vram,
-                          attention=args.attention, compile=args.compile, lora_dir=args.lora_dir)
+        runtime = _runtime(args, state.settings.model)
         state = runtime.resume_loras(state)  # the same LoRA files as the job used, or a message
         runtime.check(state.settings.model, state.settings.loras)
     except ValueError as exc:
@@ -141,6 +136,14 @@ def resume(args) -> int:
     if code == 0:
         remove_stale_files(output, keep_latest_partial=False)
     return code
+
+
+def _runtime(args, model: str):
+    """The runtime a generate/resume/extend command opens: its sources, device, memory mode and LoRA folder."""
+    from .runtime import Runtime
+
+    return Runtime(sources_from_args(args, model), device=args.device, vram=args.vram, attention=args.attention,
+                   compile=args.compile, lora_dir=args.lora_dir)
 
 
 def _add_extend_parser(sub) -> None:
@@ -162,9 +165,8 @@ def _add_extend_parser(sub) -> None:
         "prompt": "what should happen (default: one of our videos keeps its own; times count from the video's start)",
         "model": "framepack or f1 (default: one of our videos keeps its own)"})
     ext.add_argument("--save-latents", metavar="PATH", help="also write the whole video's latents (safetensors)")
-    ext.add_argument("--lora-dir", metavar="DIR", default="loras",
-                     help="a --lora given as a bare file name, or the video's own LoRAs when they moved, are looked "
-                          "for here (default: loras)")
+    add_lora_dir_argument(ext, "a --lora given as a bare file name, or the video's own LoRAs when they moved, "
+                               "are looked for here")
     add_runtime_arguments(ext)
     add_source_arguments(ext)
 
@@ -173,13 +175,11 @@ def extend(args) -> int:
     """`extend`: check the video, the seconds, the settings and the output, open the models, extend it."""
     from .extend import check_output, plan_extension
     from .options import given_settings
-    from .runtime import Runtime
 
     try:
         extension = plan_extension(args.video, args.seconds, given_settings(args))
         output = check_output(extension, args.output, args.save_latents)
-        runtime = Runtime(sources_from_args(args, extension.settings.model), device=args.device, vram=args.vram,
-                          attention=args.attention, compile=args.compile, lora_dir=args.lora_dir)
+        runtime = _runtime(args, extension.settings.model)
         extension = runtime.extension_loras(extension)  # the video's own LoRA files, where they are now
         runtime.check(extension.settings.model, extension.settings.loras)
     except ValueError as exc:

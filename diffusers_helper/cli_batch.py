@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .options import (EXIT_CANCELLED, EXIT_FAILED, add_ray_arguments, add_runtime_arguments, add_source_arguments,
-                      cluster_options, describe_failure, sources_from_args, user_error)
+from .options import (EXIT_CANCELLED, EXIT_FAILED, add_lora_dir_argument, add_ray_arguments, add_runtime_arguments,
+                      add_source_arguments, cluster_options, describe_failure, sources_from_args, user_error)
 
 OWNER = "command line"
 
@@ -31,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and the settings' names (prompt, model, seed, seconds, ...)")
     parser.add_argument("--outputs", required=True, metavar="DIR",
                         help="folder the videos are written to, named like the app's (its queue file keeps the batch)")
-    parser.add_argument("--lora-dir", metavar="DIR", default="loras",
-                        help="a LoRA given as a bare file name is looked for here first (default: loras)")
+    add_lora_dir_argument(parser, "a LoRA given as a bare file name is looked for here first")
     add_runtime_arguments(parser)
     add_source_arguments(parser, per_variant=True)
     add_ray_arguments(parser)

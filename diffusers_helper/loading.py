@@ -145,7 +145,7 @@ class _Need:
 
 
 def _needs(sources: ModelSources, model: str | None) -> list[_Need]:
-    vae = getattr(sources, "vae", None)
+    vae = sources.vae
     needs = [_Need("hunyuan", sources.hunyuan, sub, files) for sub, files in _HUNYUAN_FILES.items()
              if not (vae and sub == "vae")]
     if vae:
@@ -509,12 +509,12 @@ def _load_vae(sources: ModelSources, dtype: torch.dtype, hub: dict, hunyuan: str
     """The HunyuanVideo VAE: from hunyuan's vae/, or from --vae (one .safetensors file or a folder like vae/)."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    vae = getattr(sources, "vae", None)
+    vae = sources.vae
     if not vae:
         return _load_model(AutoencoderKLHunyuanVideo, "VAE", hunyuan, "vae", dtype, hub, diffusers=True)
-    if Path(vae).expanduser().is_file():
-        from .single_file import OFFICIAL_VAE_CONFIG
+    from .single_file import OFFICIAL_VAE_CONFIG, is_single_file
 
+    if is_single_file(vae):
         return _load_single_file(AutoencoderKLHunyuanVideo, "HunyuanVideo VAE", vae, OFFICIAL_VAE_CONFIG, dtype)
     return _load_model(AutoencoderKLHunyuanVideo, "VAE", _local_or_hub(vae), "", dtype, {}, diffusers=True)
 
@@ -584,7 +584,7 @@ def _load_transformer(source: str, dtype: torch.dtype, cached: dict[str, bool]) 
 
     if is_single_file(source):  # one .safetensors file, as ComfyUI keeps it (bf16, fp16 or fp8)
         transformer = _load_single_file(HunyuanVideoFramepackTransformer3DModel, "FramePack transformer", source,
-                                        dict(OFFICIAL_TRANSFORMER_CONFIG), dtype)
+                                        OFFICIAL_TRANSFORMER_CONFIG, dtype)
     else:
         transformer = _load_model(HunyuanVideoFramepackTransformer3DModel, "FramePack transformer",
                                   _local_or_hub(source), "", dtype, _hub_kwargs(source, cached), diffusers=True)

@@ -231,23 +231,15 @@ class LoraPlan:
 
 def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """The tensors' shapes and the metadata of a safetensors file; LoraError when it is not one."""
-    from safetensors import safe_open
+    from .single_file import NotSafetensors, safetensors_header
 
     if not path.is_file():
         raise LoraError(f"LoRA file {path} not found.")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            metadata = dict(f.metadata() or {})
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a malformed header
-        raise LoraError(f"LoRA file {path.name} is not a safetensors file ({_first_line(exc)}); LoRAs are read only "
+        return safetensors_header(path)
+    except NotSafetensors as exc:
+        raise LoraError(f"LoRA file {path.name} is not a safetensors file ({exc}); LoRAs are read only "
                         "from .safetensors files.") from None
-    return shapes, metadata
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _part(key: str) -> Optional[tuple[str, str]]:
@@ -414,10 +406,9 @@ def _adapter_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 # Applying LoRAs to a transformer, job after job
 
 
-@dataclass
-class _Adapter:
-    name: str
-    plan: LoraPlan
+def _adapter_name(sha: str) -> str:
+    """The PEFT adapter name of a LoRA file, from its SHA-256."""
+    return f"lora_{sha[:16]}"
 
 
 class LoraManager:
@@ -431,7 +422,7 @@ class LoraManager:
     def __init__(self, lora_dir: Optional[Path | str] = None) -> None:
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
         self._hashes: dict[tuple, str] = {}
-        self._adapters: dict[str, _Adapter] = {}  # SHA-256 -> adapter in self._model
+        self._adapters: set[str] = set()  # SHA-256 sums of the files loaded as adapters into self._model
         self._model: Optional[torch.nn.Module] = None
 
     def locate(self, path: Path | str) -> Path:
@@ -484,7 +475,7 @@ class LoraManager:
         0 leaves a LoRA out.
         """
         if transformer is not self._model:
-            self._adapters, self._model = {}, transformer
+            self._adapters, self._model = set(), transformer
         if not loras and not self._adapters:
             return []  # nothing of ours in it, and nothing to add: the model is not even looked at
         targets = lora_targets(transformer)
@@ -495,7 +486,8 @@ class LoraManager:
                 sha = self.sha256(path)
                 wanted[sha] = (path, weight + wanted.get(sha, (path, 0.0))[1])
         for sha in [sha for sha in self._adapters if sha not in wanted]:
-            transformer.delete_adapters(self._adapters.pop(sha).name)
+            self._adapters.discard(sha)
+            transformer.delete_adapters(_adapter_name(sha))
         if not wanted:
             if any(hasattr(module, "base_layer") for module in transformer.modules()):
                 transformer.unload_lora()  # the PEFT layers go too: the model is as it was loaded
@@ -504,7 +496,7 @@ class LoraManager:
             if sha not in self._adapters:
                 notify(f"Loading LoRA {plans[path].name} ({plans[path].format})")
                 self._load(transformer, sha, plans[path], targets, dtype)
-        names = [self._adapters[sha].name for sha in wanted]
+        names = [_adapter_name(sha) for sha in wanted]
         transformer.set_adapters(names, [float(weight) for _, weight in wanted.values()])
         # PEFT makes the adapters it activates trainable; here nothing is trained, and a parameter that
         # wants gradients would make every call keep its activations for a backward pass
@@ -515,7 +507,7 @@ class LoraManager:
 
     def _load(self, transformer, sha: str, plan: LoraPlan, targets: Mapping[str, Target], dtype: torch.dtype) -> None:
         state = read_weights(plan, targets, dtype)
-        name = f"lora_{sha[:16]}"
+        name = _adapter_name(sha)
         with warnings.catch_warnings():
             # PEFT warns that a second adapter makes several adapters in the model: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -523,7 +515,7 @@ class LoraManager:
                                           low_cpu_mem_usage=True)
         _keep_factors(transformer, name, state)
         del state
-        self._adapters[sha] = _Adapter(name, plan)
+        self._adapters.add(sha)
 
 
 def _keep_factors(model: torch.nn.Module, adapter: str, state: Mapping[str, torch.Tensor]) -> None:

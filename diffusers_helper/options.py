@@ -179,6 +179,11 @@ def cluster_options(args: argparse.Namespace):
     return options
 
 
+def add_lora_dir_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """--lora-dir DIR (default: loras), with `help` saying what the command looks for there."""
+    parser.add_argument("--lora-dir", metavar="DIR", default="loras", help=f"{help} (default: loras)")
+
+
 def add_source_arguments(parser: argparse.ArgumentParser, *, per_variant: bool = False) -> None:
     """Model source flags: --hunyuan, --siglip, --transformer, --tiny (and one flag per variant's transformer)."""
     parser.add_argument("--hunyuan", metavar="SRC", help="HunyuanVideo text encoders, tokenizers and VAE: hub repo id or local folder")
@@ -207,7 +212,7 @@ def sources_from_args(args: argparse.Namespace, model: str) -> ModelSources:
         sources = dataclasses.replace(sources, hunyuan=args.hunyuan)
     if args.siglip:
         sources = dataclasses.replace(sources, siglip=args.siglip)
-    if getattr(args, "vae", None):
+    if args.vae:
         sources = dataclasses.replace(sources, vae=args.vae)
     if args.transformer:
         sources = sources.with_transformer(model, args.transformer)

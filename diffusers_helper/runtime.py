@@ -150,7 +150,7 @@ class Runtime:
             "device": str(self.device),
             "vram_mode": self.placement.mode.value,
         }
-        if getattr(sources, "vae", None):
+        if sources.vae:
             record["sources"]["vae"] = str(sources.vae)
         if loras:
             record["loras"] = self.lora_manager.record(loras)

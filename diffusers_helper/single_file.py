@@ -51,23 +51,40 @@ def is_single_file(source: str) -> bool:
     return bool(source) and Path(source).expanduser().is_file()
 
 
-def read_header(path: Path | str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """A safetensors file's tensor shapes and metadata; SingleFileError when it is not one."""
+class NotSafetensors(ValueError):
+    """A file that safetensors can't read; the message is its reason, one short line."""
+
+
+def safetensors_header(path: Path | str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """A safetensors file's tensor shapes and metadata (read from its header only); NotSafetensors when it is not
+    one. Shared by single-file models and LoRAs, which word the refusal each their own way."""
     from safetensors import safe_open
 
-    path = Path(path).expanduser()
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for a file that is not one
         text = str(exc).strip().splitlines()
-        raise SingleFileError(f"{path.name} is not a safetensors file ({text[0][:200] if text else type(exc).__name__}); "
+        raise NotSafetensors(text[0][:200] if text else type(exc).__name__) from None
+
+
+def read_header(path: Path | str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """A safetensors file's tensor shapes and metadata; SingleFileError when it is not one."""
+    path = Path(path).expanduser()
+    try:
+        return safetensors_header(path)
+    except NotSafetensors as exc:
+        raise SingleFileError(f"{path.name} is not a safetensors file ({exc}); "
                               "models are read only from .safetensors files.") from None
 
 
 def file_config(path: Path | str, official: Mapping[str, Any]) -> dict[str, Any]:
     """The configuration of a single-file model: its metadata's "config", else the official one."""
     _, metadata = read_header(path)
+    return _config(metadata, official, Path(path).name)
+
+
+def _config(metadata: Mapping[str, str], official: Mapping[str, Any], name: str) -> dict[str, Any]:
     raw = metadata.get(CONFIG_KEY)
     if raw is None:
         return dict(official)
@@ -76,7 +93,7 @@ def file_config(path: Path | str, official: Mapping[str, Any]) -> dict[str, Any]
     except ValueError:
         config = None
     if not isinstance(config, dict):
-        raise SingleFileError(f"{Path(path).name}: its metadata's 'config' is not a JSON object.")
+        raise SingleFileError(f"{name}: its metadata's 'config' is not a JSON object.")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -98,9 +115,9 @@ def load_single_file(cls, path: Path | str, official: Mapping[str, Any], dtype: 
 
     path = Path(path).expanduser()
     describe = describe or cls.__name__
-    shapes, _ = read_header(path)
+    shapes, metadata = read_header(path)
     with init_empty_weights():
-        model = cls.from_config(file_config(path, official))
+        model = cls.from_config(_config(metadata, official, path.name))
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     prefix = _strip_prefix(list(shapes))
     given = {name[len(prefix):]: shape for name, shape in shapes.items()}

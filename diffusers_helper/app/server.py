@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
-from ..options import (add_ray_arguments, add_runtime_arguments, add_settings_arguments, add_source_arguments,
-                       cluster_options, sources_from_args)
+from ..options import (add_lora_dir_argument, add_ray_arguments, add_runtime_arguments, add_settings_arguments,
+                       add_source_arguments, cluster_options, sources_from_args)
 from ..settings import GenerationSettings
 from .ui import CSS, AppConfig, build_app, theme
 
@@ -42,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require a login from this file: one USER:PASSWORD per line (# starts a comment)")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default web browser")
     parser.add_argument("--outputs", default="outputs", metavar="DIR", help="folder for the videos and their settings (default: outputs)")
-    parser.add_argument("--lora-dir", default="loras", metavar="DIR",
-                        help="folder whose .safetensors LoRAs the page offers (default: loras)")
+    add_lora_dir_argument(parser, "folder whose .safetensors LoRAs the page offers")
     add_settings_arguments(parser, ["model"], defaults={"model": "framepack"},
                            help={"model": "model selected when the page opens; --transformer applies to it"})
     add_source_arguments(parser, per_variant=True)
