@@ -242,7 +242,8 @@ class JobQueue:
                 raise RuntimeError("The job queue is closed.")
         ids = self._store.add([NewJob(r.settings, r.image, r.resume) for r in requests], pool=self._pool,
                               owner=owner, batch=batch)
-        jobs = [self._track(self._store.get(job_id), follow=follow) for job_id in ids]
+        rows = self._store.get_many(ids)
+        jobs = [self._track(rows[job_id], follow=follow) for job_id in ids]
         with self._lock:
             self._start_worker()
             self._lock.notify_all()
@@ -280,12 +281,6 @@ class JobQueue:
                 return self._waiting.index(job) + 1
             except ValueError:
                 return 0
-
-    @property
-    def running(self) -> Optional[Job]:
-        """The job this queue's worker is running now (the first slot's with several)."""
-        running = self._running
-        return running[0] if running else None
 
     def running_jobs(self) -> list[Job]:
         """Every job a slot runs now."""
@@ -628,7 +623,6 @@ class FramePackRunner:
     def __init__(self, runtime: Runtime, outputs: Path):
         self.runtime = runtime
         self.namer = OutputNamer(outputs)
-        self.running: Optional[Path] = None  # the final video path of the job being generated
 
     def __call__(self, job: Job) -> Iterator[Event]:
         request = job.request
@@ -645,7 +639,6 @@ class FramePackRunner:
         else:
             output = self._new_output()
         job.bind_output(output)
-        self.running = output
         try:
             if resume is not None:
                 remove_stale_files(output)
@@ -663,8 +656,6 @@ class FramePackRunner:
                 remove_stale_files(output, keep_latest_partial=False)
         except JobCancelled:
             yield Cancelled(video_path=None, frames=0)
-        finally:
-            self.running = None
 
     @staticmethod
     def _earlier_attempt(output: Optional[Path]) -> Optional[Path]:

@@ -208,27 +208,40 @@ def with_copies(settings: GenerationSettings, copy: Callable[[str], str]) -> Gen
     return settings.replace(**changes)
 
 
-def _image_rows(job: NewJob, cache: dict) -> list[tuple[str, str, bytes]]:
-    """(role, suffix, bytes) of a job's images: the start image, copies of its end image and keyframes, a
-    thumbnail. `cache` holds what was encoded or read for the jobs before (a batch repeats its images)."""
+def _image_rows(job: NewJob, cache: dict) -> list[tuple[str, str, _Blob]]:
+    """(role, suffix, blob) of a job's images: the start image, copies of its end image and keyframes, a
+    thumbnail. `cache` holds what was encoded or read for the jobs before (a batch repeats its images), so
+    each distinct image is encoded, read and hashed once."""
     if job.resume is not None:
         return []  # a resumed job reads its own saved copies
     rows = []
     if job.image is not None:
         key = ("pixels", id(job.image))
-        if key not in cache:
-            cache[key] = (job.image, png_bytes(job.image), thumbnail_png(job.image))  # the array keeps its id
+        if key not in cache:  # the array is kept in the entry, so its id is not reused meanwhile
+            cache[key] = (job.image, _Blob.of(png_bytes(job.image)), _Blob.of(thumbnail_png(job.image)))
         _, start, thumb = cache[key]
         rows += [("start", ".png", start), ("thumb", ".png", thumb)]
     for role, path in named_images(job.settings):
         key = ("file", str(Path(path).resolve()))
         if key not in cache:
             try:
-                cache[key] = Path(path).read_bytes()
+                cache[key] = _Blob.of(Path(path).read_bytes())
             except OSError as exc:
                 raise ValueError(f"The {role} image {path} can't be read ({exc.strerror or exc}).") from None
         rows.append((role, Path(path).suffix.lower() or ".png", cache[key]))
     return rows
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """An image's bytes and their SHA-256, its key in the queue file."""
+
+    data: bytes
+    digest: str
+
+    @classmethod
+    def of(cls, data: bytes) -> "_Blob":
+        return cls(data, hashlib.sha256(data).hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +365,7 @@ class JobStore:
                 if known:
                     return known
             position = conn.execute("SELECT COALESCE(MAX(position), 0) FROM jobs").fetchone()[0]
-            ids = []
+            ids, stored = [], set()
             for index, (job, rows) in enumerate(zip(jobs, images)):
                 position += 1
                 cursor = conn.execute(
@@ -361,11 +374,12 @@ class JobStore:
                     (position, pool, owner, json.dumps(job.settings.to_dict()),
                      os.path.abspath(job.resume) if job.resume else None, batch, index if batch else None, now))
                 ids.append(cursor.lastrowid)
-                for role, suffix, data in rows:  # each distinct image once, however many jobs use it
-                    digest = hashlib.sha256(data).hexdigest()
-                    conn.execute("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", (digest, data))
+                for role, suffix, blob in rows:  # each distinct image once, however many jobs use it
+                    if blob.digest not in stored:
+                        stored.add(blob.digest)
+                        conn.execute("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", (blob.digest, blob.data))
                     conn.execute("INSERT INTO images (job, role, suffix, hash) VALUES (?, ?, ?, ?)",
-                                 (cursor.lastrowid, role, suffix, digest))
+                                 (cursor.lastrowid, role, suffix, blob.digest))
             _forget_old(conn)
             return ids
 

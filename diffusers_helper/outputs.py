@@ -320,6 +320,12 @@ def remove_stale_files(output: Path, *, keep_latest_partial: bool = True) -> lis
 # Past outputs, read back from the outputs folder
 
 
+def extends_anchored(record: dict[str, Any]) -> bool:
+    """Whether a job's record says it extends another video from that video's frames (extend.py's anchored way):
+    its latents file starts from encoded frames, so it is extended again rather than resumed."""
+    return (record.get("extends") or {}).get("mode") == "anchored"
+
+
 @dataclass(frozen=True)
 class PastOutput:
     """One job's files in the outputs folder, described by its JSON sidecar."""
@@ -340,9 +346,8 @@ class PastOutput:
         """Whether the job stopped early (ended, failed or killed) with finished sections to continue from."""
         finished = self.video is not None and self.video.name == f"{self.stem}.mp4"
         # an extension made from another video's frames is extended again instead (pipeline.load_resume_state)
-        anchored = (self.record.get("extends") or {}).get("mode") == "anchored"
         return (self.status != "finished" and not finished and self.latents is not None and not self.running
-                and not anchored)
+                and not extends_anchored(self.record))
 
     @property
     def interrupted(self) -> bool:

@@ -57,7 +57,7 @@ from .events import (
     StepProgress,
 )
 from .memory import GIB, Placement, VramMode, empty_cache, is_out_of_memory, ram_notice, release_host_memory, system_memory
-from .outputs import OutputPaths, atomic_write, write_json
+from .outputs import OutputPaths, atomic_write, extends_anchored, write_json
 from .packing import overlap_frames
 from .sampling import flow_shift_mu, get_sigmas_flow_shift, sample_unipc
 from .sections import START, SectionPlan, distinct_prompts, keyframe_name, plan_sections
@@ -115,7 +115,7 @@ def load_resume_state(output: Path | str) -> ResumeState:
         raise ValueError(f"Can't resume {paths.video.name}: {paths.input_image.name} is missing.")
     # the latents are written before the video and the sidecar, so they say how far the job got
     done, rest = variant(settings.model).sections_in(history.shape[2], settings.window)
-    if (record.get("extends") or {}).get("mode") == "anchored":
+    if extends_anchored(record):
         raise ValueError(f"Can't resume {paths.video.name}: it extends another video from that video's frames; "
                          "extend that video again instead.")
     if rest or not 1 <= done < settings.sections:

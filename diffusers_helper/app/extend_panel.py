@@ -9,13 +9,13 @@ handler, `extend_video`, is a plain function a test can call; its endpoint is `/
 
 from __future__ import annotations
 
-import inspect
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
 from ..jobs import BusyError, JobRequest
+from .views import with_endpoint_signature
 
 # The /extend endpoint's inputs before the form's.
 EXTEND_FIELDS = ("output", "video", "extend_seconds", "extend_prompt", "extend_seed")
@@ -103,11 +103,7 @@ def wire_extend(page, c: SimpleNamespace, form_fields: tuple[str, ...],
         yield from extend_video(page, stem, upload, seconds, prompt, seed, dict(zip(form_fields, form)),
                                 getattr(request, "session_hash", None), settings_from_form)
 
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    call.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, kind, default=None) for name in (*EXTEND_FIELDS, *form_fields)]
-        + [inspect.Parameter("request", kind, default=None, annotation=gr.Request)])
-    call.__annotations__ = {"request": gr.Request}  # Gradio finds the request parameter by its type hint
+    with_endpoint_signature(call, (*EXTEND_FIELDS, *form_fields))
     inputs = [c.past, c.extend_upload, c.extend_seconds, c.extend_prompt, c.extend_seed,
               *[c.form[name] for name in form_fields]]
     streamed = [c.latest, c.preview, c.progress, c.final, c.start, c.end]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import inspect
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
@@ -28,6 +27,7 @@ from ..jobs import JobRequest
 from ..jobstore import StoredJob, thumbnail_png
 from ..outputs import OutputPaths
 from ..variants import display_name
+from .views import with_endpoint_signature
 
 # The Add to queue endpoint's inputs after the form's (`/add_to_queue`).
 BATCH_FIELDS = ("batch_images", "batch_prompts", "batch_count", "batch_seeds")
@@ -90,6 +90,7 @@ class QueuePanel:
         self.form = form
         self._users: dict[str, str] = {}  # browser session -> its user, as seen by this panel
         self._thumbnails: dict[str, Optional[bytes]] = {}  # pages' jobs' thumbnails, by job id
+        self._stored_thumbnails: dict[int, Optional[bytes]] = {}  # queued jobs' thumbnails (they never change), by row
 
     # -- adding ---------------------------------------------------------------------------------
 
@@ -141,13 +142,17 @@ class QueuePanel:
         found: list[Entry] = []
         active = jobs.active()
         self._thumbnails = {job.id: self._thumbnails.get(job.id) or _thumbnail(job) for job in active}
+        running_jobs = jobs.running_jobs()
         for job in active:
             own = job.owner is not None and self._users.get(job.owner, job.owner) == viewer.user
-            running = job in jobs.running_jobs()
+            running = job in running_jobs
             found.append(_page_entry(job, own, running, None if running else jobs.position(job),
                                      self._thumbnails[job.id]))
         waiting = sum(1 for entry in found if entry.state == "waiting")
-        for row in jobs.queued():
+        rows = jobs.queued()
+        known = self._stored_thumbnails
+        self._stored_thumbnails = {row.id: known[row.id] for row in rows if row.id in known}
+        for row in rows:
             own = row.owner is not None and row.owner == viewer.user
             position = None
             if row.state in ("waiting", "interrupted") and row.pool == "app":
@@ -158,12 +163,11 @@ class QueuePanel:
 
     def _stored_entry(self, row: StoredJob, own: bool, position: Optional[int]) -> Entry:
         settings = row.settings
-        sections = _sections(row)
-        live = self.page.jobs.live(row.id)
         if row.state == "running":
+            live = self.page.jobs.live(row.id)
             step = live.last_step if live is not None else None
             status = (f"section {step.section} of {step.sections}, step {step.step} of {step.steps}" if step
-                      else f"{row.sections_done} of {sections} sections done")
+                      else f"{row.sections_done} of {_sections(row)} sections done")
             if row.pool != "app":
                 status += " (by the batch command)"
             where = _worker_label(row.worker)
@@ -182,7 +186,11 @@ class QueuePanel:
         detail = f"{display_name(settings.get('model', ''))} · {float(settings.get('seconds', 0)):g} s"
         if own:
             detail += f" · seed {settings.get('seed')}"
-        thumbnail = self.page.jobs.store.thumbnail(row.id) if own else None
+        thumbnail = None
+        if own:
+            if row.id not in self._stored_thumbnails:
+                self._stored_thumbnails[row.id] = self.page.jobs.store.thumbnail(row.id)
+            thumbnail = self._stored_thumbnails[row.id]
         if not own:  # another user's job: its state, not its progress, file or message
             status = "waiting for the batch command" if row.state == "waiting" and row.pool != "app" else row.state
         return Entry(f"q{row.id}", position, row.state, own, row.prompt if own else "", detail, thumbnail, status)
@@ -367,12 +375,7 @@ def add_handler(panel: QueuePanel):
         form, batch = values[: len(fields)], values[len(fields):]
         return panel.add(image, dict(zip(fields, form)), dict(zip(BATCH_FIELDS, batch)), viewer_of(request))
 
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    call.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, kind, default=None) for name in ("image", *fields, *BATCH_FIELDS)]
-        + [inspect.Parameter("request", kind, default=None, annotation=gr.Request)])
-    call.__annotations__ = {"request": gr.Request}
-    return call
+    return with_endpoint_signature(call, ("image", *fields, *BATCH_FIELDS))
 
 
 def wire_queue(page, demo: gr.Blocks, c: SimpleNamespace, form: Form) -> QueuePanel:

@@ -10,7 +10,6 @@ queue and stream that job's events as updates of the page; user mistakes are `gr
 from __future__ import annotations
 
 import filecmp
-import inspect
 import logging
 import os
 import secrets
@@ -35,7 +34,7 @@ from .loras import (LORA_FIELDS, check_page_loras, lora_controls, lora_form_valu
                     wire_loras)
 from .extend_panel import extend_controls, wire_extend
 from .queue_panel import Form, queue_controls, wire_queue
-from .views import PREVIEW_HEIGHT, JobView, VideoSnapshots, idle_html
+from .views import PREVIEW_HEIGHT, JobView, VideoSnapshots, idle_html, with_endpoint_signature
 
 logger = logging.getLogger(__name__)
 
@@ -287,13 +286,7 @@ def form_handler(handler: Callable[..., Iterator]) -> Callable[..., Iterator]:
         image, *values, request = args
         yield from handler(image, dict(zip(FORM_FIELDS, values)), _owner(request))
 
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    # default None: an API client may leave any input out (one the page shows empty, such as an image, too)
-    call.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, kind, default=None) for name in ("image", *FORM_FIELDS)]
-        + [inspect.Parameter("request", kind, default=None, annotation=gr.Request)])
-    call.__annotations__ = {"request": gr.Request}  # Gradio finds the request parameter by its type hint
-    return call
+    return with_endpoint_signature(call, ("image", *FORM_FIELDS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,9 +406,8 @@ class Page:
     def busy_outputs(self) -> set[Path]:
         """Final video paths of the jobs queued or running in this app."""
         busy = {job.request.resume for job in self.jobs.active() if job.request.resume is not None}
+        # a running job's output is bound before its runner writes anything, so this holds the one being generated
         busy.update(job.output for job in self.jobs.running_jobs() if job.output is not None)
-        if self.runner.running is not None:
-            busy.add(self.runner.running)
         return busy | self.jobs.stored_outputs()  # queued jobs continue theirs by themselves
 
     # -- past outputs ------------------------------------------------------------------------------

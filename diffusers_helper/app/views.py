@@ -9,6 +9,7 @@ sliders, the app's flags), are chosen here.
 from __future__ import annotations
 
 import html
+import inspect
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import time
 import weakref
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import gradio as gr
 import numpy as np
@@ -287,3 +288,15 @@ class JobView:
         self.shown()
         self.snapshots.drop(self._showing)
         self._showing = None
+
+
+def with_endpoint_signature(call: Callable, names: Iterable[str]) -> Callable:
+    """`call(*inputs, request)` as Gradio and API clients see it: one parameter per input name, each defaulting to
+    None (a client may leave any input out, one the page shows empty such as an image too), then the request,
+    which Gradio finds by its type hint."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, kind, default=None) for name in names]
+        + [inspect.Parameter("request", kind, default=None, annotation=gr.Request)])
+    call.__annotations__ = {"request": gr.Request}
+    return call
