@@ -138,8 +138,13 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float32 (1, 3, 1, H, W) in [-1, 1] as x/127.5 − 1."""
-    pixels = torch.from_numpy(image).float() / 127.5 - 1
-    return pixels.permute(2, 0, 1)[None, :, None]
+    return frames_to_tensor(image[None])
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) → float32 (1, 3, T, H, W) in [-1, 1] as x/127.5 − 1."""
+    pixels = torch.from_numpy(frames).float() / 127.5 - 1
+    return pixels.permute(3, 0, 1, 2)[None]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import footage
-from .conditioning import find_nearest_bucket, vae_decode, vae_encode
+from .conditioning import find_nearest_bucket, frames_to_tensor, vae_decode, vae_encode
 from .events import Event, Finished, StageName
 from .footage import Footage
 from .outputs import OutputPaths, read_output
@@ -65,7 +65,6 @@ class Extension:
     seconds: float  # S, the seconds added
     settings: GenerationSettings  # the whole longer video's (seconds = old + S)
     mode: str  # CONTINUE or ANCHORED
-    old_seconds: float
     old_sections: int  # sections of the timeline the old video fills
     frames: int  # the old video's frames at 30 fps, the new video's first
     size: tuple[int, int]  # (height, width) of the new video
@@ -131,7 +130,7 @@ def plan_extension(video: Path | str, seconds: Any, changes: Optional[Mapping[st
     # going on with the old video's random sequence: where that sequence began (a fresh seed in an earlier extension)
     seed_start = old_sections if fresh else fresh_seed_at(ours["record"]) if ours else 0
     return Extension(
-        video=source.path, seconds=added, settings=settings, mode=mode, old_seconds=old_seconds,
+        video=source.path, seconds=added, settings=settings, mode=mode,
         old_sections=old_sections, frames=source.frames, size=size, fresh_seed=fresh, seed_start=seed_start,
         footage=source, latents=latents, start_image=ours["start_image"] if mode == CONTINUE else None,
         record=ours["record"] if ours else {}, loras_recorded=bool(ours) and "loras" not in changes,
@@ -290,7 +289,11 @@ class ExtensionJob(_Job):
         appends = self.variant.direction == "append"
         # 1. Check inputs and claim the outputs; the frame the new sections are anchored to
         self.stage(StageName.EXTENDING, f"Reading the end of {x.video.name}")
-        first, tail = footage.ends(x.footage, x.size, 1 if x.latents else 4 * self._latents_needed() - 3)
+        # F1 starts from the video's first frame; FramePack is anchored to its last. The last frames are also
+        # encoded when there is no latents file.
+        first = footage.first_frame(x.footage, x.size) if appends else None
+        tail = (footage.last_frames(x.footage, x.size, 1 if x.latents else 4 * self._latents_needed() - 3)
+                if not (appends and x.latents) else [])
         images = self.check_inputs(first if appends else tail[-1], output, save_latents, resumed=False)
         self.check_machine(x.size, metadata, x.old_sections)
         plans = plan_sections(s, self.variant, done=x.old_sections)
@@ -324,7 +327,7 @@ class ExtensionJob(_Job):
         count = min(self._latents_needed(), (len(tail) - 1) // 4 + 1)
         frames = tail[len(tail) - (4 * (count - 1) + 1):]
         self.stage(StageName.VAE_ENCODE, f"Encoding the last {len(frames)} frames of {self.x.video.name}")
-        pixels = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        pixels = frames_to_tensor(np.stack(frames))
         with self.placement.use(self.c.vae, tiling=True):
             latents = vae_encode(pixels, self.c.vae).float().cpu()
         self.cancel.check()
@@ -356,16 +359,18 @@ class ExtensionJob(_Job):
         is decoded with them, and its frames are the overlap."""
         if self.x.mode == CONTINUE:
             return super().decode(real, plan, is_last=is_last)
-        window, k = self.s.window, min(self.s.window, self._old.shape[2])
+        window = self.s.window
         first = plan.index == self.x.old_sections
-        if self.variant.direction == "append":
-            to_decode, overlap = ((real[:, :, -(k + window):], self._joint) if first else
-                                  self.variant.decode_window(real, window, first=False, is_last=is_last))
-        else:
-            to_decode, overlap = self.variant.decode_window(real, window, first=first, is_last=is_last)
-            if is_last:
-                # the start latent stands for the old video's last frame: its last latents are decoded in its place
-                to_decode = torch.cat([self._old[:, :, -k:], to_decode[:, :, 1:]], dim=2)
+        appends = self.variant.direction == "append"
+        # F1: the first new section is decoded as a later one is, with the old video's last window of latents (or
+        # all of them when fewer), and the old video's frames are the overlap
+        to_decode, overlap = self.variant.decode_window(real, window, first=first and not appends, is_last=is_last)
+        if appends and first:
+            overlap = self._joint
+        elif not appends and is_last:
+            # the start latent stands for the old video's last frame: its last latents are decoded in its place
+            k = min(window, self._old.shape[2])
+            to_decode = torch.cat([self._old[:, :, -k:], to_decode[:, :, 1:]], dim=2)
         with self.placement.use(self.c.vae, tiling=True):
             pixels = vae_decode(to_decode, self.c.vae).cpu()
         return pixels, overlap

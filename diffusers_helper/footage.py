@@ -171,35 +171,43 @@ def frames(footage: Footage, size: tuple[int, int]) -> Iterator[np.ndarray]:
     A repeated frame is the same array each time; don't change it. Frames the decoder does not give
     (a damaged end) are filled with the last one it gave, so there are always `footage.frames`.
     """
-    shown, seen = None, 0
+    last, shown, seen = None, None, 0
     for index, frame in _decoded(footage, 0):
-        shown, seen = fit(frame, size, footage.rotation), index + 1
-        for _ in range(footage.repeats[index]):
-            yield shown
-    if shown is None:
+        last, seen = frame, index + 1
+        if footage.repeats[index]:  # a frame no output time shows (a faster source's) is not scaled at all
+            shown = fit(frame, size, footage.rotation)
+            for _ in range(footage.repeats[index]):
+                yield shown
+    if last is None:
         raise FootageError(f"{footage.path.name} could not be decoded.")
-    for _ in range(sum(footage.repeats[seen:])):
-        yield shown
+    missing = sum(footage.repeats[seen:])
+    if missing:
+        shown = fit(last, size, footage.rotation) if footage.repeats[seen - 1] == 0 else shown
+        for _ in range(missing):
+            yield shown
 
 
-def ends(footage: Footage, size: tuple[int, int], last: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(the first output frame, the last `last` output frames, fewer when the video is shorter), fitted to
-    `size`; the frames before the last ones are not decoded when the video can seek."""
+def first_frame(footage: Footage, size: tuple[int, int]) -> np.ndarray:
+    """The first output frame, fitted to `size`."""
+    for _, frame in _decoded(footage, 0):
+        return fit(frame, size, footage.rotation)
+    raise FootageError(f"{footage.path.name} could not be decoded.")
+
+
+def last_frames(footage: Footage, size: tuple[int, int], last: int) -> list[np.ndarray]:
+    """The last `last` output frames (fewer when the video is shorter), fitted to `size`; the frames before
+    them are not decoded when the video can seek."""
     count = max(1, min(last, footage.frames))
     first_index, skip = _input_frame_of(footage.repeats, footage.frames - count)
-    first = None
-    for _, frame in _decoded(footage, 0):
-        first = fit(frame, size, footage.rotation)
-        break
     tail: list[np.ndarray] = []
     for index, frame in _decoded(footage, first_index):
-        picture = fit(frame, size, footage.rotation)
         repeat = footage.repeats[index] - (skip if index == first_index else 0)
-        tail += [picture] * repeat
-    if first is None or not tail:
+        if repeat > 0:
+            tail += [fit(frame, size, footage.rotation)] * repeat
+    if not tail:
         raise FootageError(f"{footage.path.name} could not be decoded.")
     tail += [tail[-1]] * (count - len(tail))  # a damaged end: hold the last frame decoded
-    return first, tail[:count]
+    return tail[:count]
 
 
 def _input_frame_of(repeats: Sequence[int], output_index: int) -> tuple[int, int]:

@@ -101,7 +101,7 @@ def test_any_video_is_read_retimed_and_fitted_frame_by_frame(tmp_path):
     # each output frame is the input frame on screen then, resized to cover and cropped like an image
     for i, frame in enumerate(read):
         assert psnr(frame, resize_and_center_crop(frames[i * 25 // 30], 64, 48)) > 35
-    first, tail = footage.ends(probed, (48, 64), 5)
+    first, tail = footage.first_frame(probed, (48, 64)), footage.last_frames(probed, (48, 64), 5)
     assert np.array_equal(first, read[0]) and all(np.array_equal(a, b) for a, b in zip(tail, read[-5:]))
 
 
@@ -129,7 +129,7 @@ def test_the_end_of_a_long_video_is_found_by_seeking(tmp_path, monkeypatch):
     decoded = []
     real_fit = footage.fit
     monkeypatch.setattr(footage, "fit", lambda frame, *a: decoded.append(frame.pts) or real_fit(frame, *a))
-    first, tail = footage.ends(probed, (48, 64), 9)
+    first, tail = footage.first_frame(probed, (48, 64)), footage.last_frames(probed, (48, 64), 9)
     assert len(tail) == 9 and np.array_equal(tail[-1], read_frames(source)[-1])
     assert len(decoded) == 1 + 9  # the first frame and the last nine: nothing in between is converted
     assert np.array_equal(first, read_frames(source)[0])
