@@ -31,11 +31,14 @@ def apply_step_cache(transformer, settings) -> Optional[Any]:
     if settings.cache == "magcache":
         from .magcache import MagCacheSettings, apply_magcache
 
-        # with real CFG the sampler calls the model twice per step (positive, then negative)
-        calls = 1 if settings.cfg == 1 else 2
         return apply_magcache(transformer, MagCacheSettings.from_generation(settings), settings.steps,
-                              calls_per_step=calls)
+                              calls_per_step=calls_per_step(settings))
     return None
+
+
+def calls_per_step(settings) -> int:
+    """Transformer calls per sampling step: with real CFG (cfg > 1) the sampler calls it twice (positive, negative)."""
+    return 1 if settings.cfg == 1 else 2
 
 
 def calibration_path(video: Path | str) -> Path:
@@ -50,8 +53,8 @@ def save_calibration_for(cache, video: Path | str, settings) -> Optional[Path]:
     if not isinstance(cache, MagCache) or not cache.config.calibrate:
         return None
     ratios = cache.calibrated_ratios()
-    sections = [s for s in cache.calibration.sections if len(s) == cache.num_steps]
-    recorded = {k: settings.to_dict()[k] for k in ("model", "steps", "window", "resolution", "cfg", "distilled_cfg",
-                                                   "sampler", "fp8")}
+    sections = cache.full_sections()
+    values = settings.to_dict()
+    recorded = {k: values[k] for k in ("model", "steps", "window", "resolution", "cfg", "distilled_cfg", "sampler", "fp8")}
     return save_calibration(calibration_path(video), ratios, model=settings.model, sections=sections,
                             settings=recorded)

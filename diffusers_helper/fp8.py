@@ -103,7 +103,6 @@ def _fp8_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Layer:
-    name: str
     module: torch.nn.Linear
     dtype: torch.dtype  # the weight's dtype before
 
@@ -135,7 +134,7 @@ class Fp8Weights:
                 raise ValueError(f"{name} is already stored in fp8.")
             if "forward" in vars(module) or getattr(module, "_diffusers_hook", None) is not None:
                 raise ValueError(f"{name} already has its forward replaced (hooks); store fp8 weights first.")
-        for name, module in found:
+        for _, module in found:
             weight = module.weight
             q, scale = quantize(weight.data, self.granularity)
             dtype = weight.dtype
@@ -143,7 +142,7 @@ class Fp8Weights:
             # not persistent: a state_dict keeps its keys (the weight is then the fp8 tensor)
             module.register_buffer(_SCALE, scale.to(q.device), persistent=False)
             module.forward = types.MethodType(_fp8_forward, module)
-            self.layers.append(_Layer(name, module, dtype))
+            self.layers.append(_Layer(module, dtype))
         setattr(self.transformer, _HANDLE, self)
 
     @property

@@ -79,7 +79,7 @@ def invalidate_registry_caches(module: torch.nn.Module) -> None:
 
 class StepCacheBlockHook(ModelHook):
     """Base of the step caches' per-block hooks (TeaCache, MagCache): the head decides, the others follow,
-    the tail stores the residual. Subclasses write `new_forward`; this holds what they share."""
+    the tail stores the residual. Subclasses say how the head decides (`_head`) and what the tail keeps (`_tail`)."""
 
     _is_stateful = True
 
@@ -103,6 +103,31 @@ class StepCacheBlockHook(ModelHook):
     def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
         """A forward argument by name, whether it was passed by keyword or by position."""
         return kwargs[name] if name in kwargs else args[self._names.index(name)]
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        cache = self.cache
+        if not cache.enabled:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if self.is_head:
+            hidden_states = self._arg("hidden_states", args, kwargs)
+            residual = self._head(module, hidden_states, args, kwargs)
+            if residual is not None:  # a skipped call: the blocks' output is their input plus the residual
+                return hidden_states + residual, self._arg("encoder_hidden_states", args, kwargs)
+        elif cache._skipping:
+            return self._arg("hidden_states", args, kwargs), self._arg("encoder_hidden_states", args, kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.is_tail:
+            self._tail(output[0])
+        return output
+
+    def _head(self, module: torch.nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+        """Decide this call at the head block: the residual to add when the blocks are skipped, else None (and
+        the blocks' input is kept for `_tail`). The blocks never write into their input, so a reference is enough."""
+        raise NotImplementedError
+
+    def _tail(self, hidden_out: torch.Tensor) -> None:
+        """Keep what a computed call's blocks added (their output minus the input `_head` kept)."""
+        raise NotImplementedError
 
     # -- one hook per block, for a whole cache ---------------------------------------------------
 

@@ -45,6 +45,7 @@ import torch
 
 from .hooks import StepCacheBlockHook, check_block_lists, check_steps
 from .settings import MAGCACHE_CALIBRATION_KIND as CALIBRATION_KIND
+from .settings import MAGCACHE_DEFAULT_MAX_SKIPS, MAGCACHE_DEFAULT_RETENTION, MAGCACHE_DEFAULT_THRESHOLD
 from .settings import check_magcache_ratios as check_ratios
 from .settings import load_magcache_ratios as load_ratios
 
@@ -72,19 +73,15 @@ PUBLISHED_RATIOS: dict[str, tuple[float, ...]] = {
            0.96484, 0.78516),
 }
 
-# The authors' FramePack defaults ("E010K3R02" in their README and web UI): threshold 0.10, at most
-# 3 skips in a row, the first 20% of the steps always computed. Their README measures a 5 s
-# FramePack video on an L20 at 9 min plain, 4 min 40 s with TeaCache, 4 min 20 s with these.
-DEFAULT_THRESHOLD = 0.10
-DEFAULT_MAX_SKIPS = 3
-DEFAULT_RETENTION = 0.2
+# The authors' FramePack defaults (settings.py says where they come from), which GenerationSettings' fields share.
+DEFAULT_THRESHOLD = MAGCACHE_DEFAULT_THRESHOLD
+DEFAULT_MAX_SKIPS = MAGCACHE_DEFAULT_MAX_SKIPS
+DEFAULT_RETENTION = MAGCACHE_DEFAULT_RETENTION
 
 # The authors' FramePack code also refuses to skip a step whose own ratio departs from 1 by more
 # than this, however small the accumulated error; with the published 25-step F1 ratios that keeps
 # step 22 (gamma = 0.9375). A published constant of their FramePack rule, not a user setting.
 MAX_STEP_DEVIATION = 0.06
-
-# A calibration file says what it is, so that another JSON file is not taken for one.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,9 +287,13 @@ class MagCache:
         """Whether this MagCache (Ma et al., 2025) handle's hooks have been removed (or replaced)."""
         return self._removed
 
+    def full_sections(self) -> list[list[float]]:
+        """The calibration's sections that ran every step (a section ended early measured only some)."""
+        return [s for s in self.calibration.sections if len(s) == self.num_steps]
+
     def calibrated_ratios(self) -> tuple[float, ...]:
         """The ratios measured so far: per step, the mean over the sections that ran every step."""
-        full = [s for s in self.calibration.sections if len(s) == self.num_steps]
+        full = self.full_sections()
         if not full:
             raise ValueError("No section ran all its steps, so no MagCache ratios were measured.")
         return tuple(float(np.mean(column)) for column in zip(*full))
@@ -344,23 +345,17 @@ class MagCache:
 class _MagCacheBlockHook(StepCacheBlockHook):
     """Per-block hook: the head decides by the schedule, the others follow, the tail stores the residual."""
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+    def _head(self, module, hidden_states, args, kwargs):
         cache = self.cache
-        if not cache.enabled:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_head:
-            hidden_states = self._arg("hidden_states", args, kwargs)
-            if cache._start_call():
-                residual = cache._branches[cache._branch].residual
-                return hidden_states + residual, self._arg("encoder_hidden_states", args, kwargs)
-            # the blocks never write into their input, so a reference (no copy) is enough
-            cache._branches[cache._branch].hidden_in = hidden_states
-        elif cache._skipping:
-            return self._arg("hidden_states", args, kwargs), self._arg("encoder_hidden_states", args, kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
-            cache._store(output[0])
-        return output
+        skip = cache._start_call()
+        branch = cache._branches[cache._branch]
+        if skip:
+            return branch.residual
+        branch.hidden_in = hidden_states
+        return None
+
+    def _tail(self, hidden_out):
+        self.cache._store(hidden_out)
 
 
 def apply_magcache(transformer: torch.nn.Module, config: MagCacheSettings, num_steps: int, *,

@@ -226,8 +226,6 @@ class Runtime:
     def resume_loras(self, state):
         """A resumed job's state with its LoRAs where the very same files are now (recorded path, else
         lora_dir); LoraError says which one is missing or changed."""
-        import dataclasses
-
         from .lora import recorded_loras
 
         loras = state.settings.loras

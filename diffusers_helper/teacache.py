@@ -158,31 +158,21 @@ class TeaCache:
 class _TeaCacheBlockHook(StepCacheBlockHook):
     """Per-block hook: the head decides, the others follow, the tail stores the residual."""
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+    def _head(self, module, hidden_states, args, kwargs):
         cache = self.cache
-        if not cache.enabled:
-            return self.fn_ref.original_forward(*args, **kwargs)
+        modulated = module.norm1(hidden_states, emb=self._arg("temb", args, kwargs))[0]
+        cache._skipping = not cache._step(modulated, hidden_states)
+        if cache._skipping:
+            cache.skipped += 1
+            return cache.previous_residual
+        cache.computed += 1
+        cache._hidden_in = hidden_states
+        return None
 
-        if self.is_head:
-            hidden_states = self._arg("hidden_states", args, kwargs)
-            temb = self._arg("temb", args, kwargs)
-            modulated = module.norm1(hidden_states, emb=temb)[0]
-            cache._skipping = not cache._step(modulated, hidden_states)
-            if cache._skipping:
-                cache.skipped += 1
-                encoder_hidden_states = self._arg("encoder_hidden_states", args, kwargs)
-                return hidden_states + cache.previous_residual, encoder_hidden_states
-            cache.computed += 1
-            # The blocks never write into their input, so a reference (no copy) is enough.
-            cache._hidden_in = hidden_states
-        elif cache._skipping:
-            return self._arg("hidden_states", args, kwargs), self._arg("encoder_hidden_states", args, kwargs)
-
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
-            cache.previous_residual = output[0] - cache._hidden_in
-            cache._hidden_in = None
-        return output
+    def _tail(self, hidden_out):
+        cache = self.cache
+        cache.previous_residual = hidden_out - cache._hidden_in
+        cache._hidden_in = None
 
 
 def apply_teacache(transformer: torch.nn.Module, num_steps: int, threshold: float = DEFAULT_THRESHOLD) -> TeaCache:

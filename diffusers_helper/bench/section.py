@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..caches import calls_per_step
 from ..options import add_runtime_arguments, add_settings_arguments, settings_from_args, user_error
 from .fresh import run_fresh
 
@@ -397,8 +398,7 @@ def _flops(run: _Section, config, request: Request, gpu: Optional[str]) -> dict[
 
 def _steps(run: _Section, settings) -> dict[str, Any]:
     """Sampling steps computed and skipped in the first section, and the transformer's bytes streamed per step."""
-    calls_per_step = 1 if settings.cfg == 1 else 2
-    computed = run.forwards // calls_per_step
+    computed = run.forwards // calls_per_step(settings)
     start, end = (run.sampling_streamed + [None, None])[:2]
     streamed = end - start if start is not None and end is not None else None
     return {
