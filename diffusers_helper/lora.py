@@ -561,18 +561,23 @@ def find_recorded(name: str, sha256: str, places: Iterable[Path | str], hasher: 
     raise LoraError(f"LoRA {name} (SHA-256 {sha256[:12]}…) is missing: not found in {places_text}; put it back.")
 
 
+def recorded_hashes(record: Optional[Sequence[Mapping[str, Any]]]) -> dict[str, str]:
+    """A job record's LoRAs (its "loras" entries) by file name: their SHA-256, for those that recorded one."""
+    by_name = {entry.get("name"): entry for entry in record or () if isinstance(entry, Mapping)}
+    return {name: entry["sha256"] for name, entry in by_name.items() if isinstance(entry.get("sha256"), str)}
+
+
 def recorded_loras(loras: Sequence[tuple[str, float]], record: Sequence[Mapping[str, Any]],
                    folders: Iterable[Path | str], hasher: LoraManager) -> tuple[tuple[str, float], ...]:
     """A recorded job's LoRAs with paths where the very same files are now (their recorded path, else `folders`)."""
-    by_name = {entry.get("name"): entry for entry in record or () if isinstance(entry, Mapping)}
+    hashes = recorded_hashes(record)
     found = []
     for path, weight in loras:
-        entry = by_name.get(Path(path).name)
-        if entry is None or not isinstance(entry.get("sha256"), str):
+        name = Path(path).name
+        if name not in hashes:
             found.append((path, weight))  # nothing recorded to compare with
             continue
-        found.append((str(find_recorded(entry["name"], entry["sha256"], [hasher.locate(path), *folders], hasher)),
-                      weight))
+        found.append((str(find_recorded(name, hashes[name], [hasher.locate(path), *folders], hasher)), weight))
     return tuple(found)
 
 

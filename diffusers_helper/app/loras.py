@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import gradio as gr
 
-from ..lora import LoraError, find_recorded, list_loras
+from ..lora import LoraError, find_recorded, list_loras, recorded_hashes
 from ..settings import LORA_WEIGHT, GenerationSettings, SettingsError
 
 LORA_SLOTS = 4
@@ -67,17 +67,16 @@ def past_lora_values(runtime, record: Mapping[str, Any], loras: Sequence[tuple[s
                      folder: Path) -> dict[str, Any]:
     """The form's LoRA fields for a past job: the LoRAs found in the folder by name and SHA-256; a warning
     names each one missing or changed since (it is left out)."""
-    recorded = {entry.get("name"): entry for entry in record.get("loras") or () if isinstance(entry, Mapping)}
+    hashes = recorded_hashes(record.get("loras"))
     found = []
     for path, weight in loras:
         name = Path(path).name
-        entry = recorded.get(name)
         try:
-            if entry is None or not isinstance(entry.get("sha256"), str):
+            if name not in hashes:
                 if not (Path(folder) / name).is_file():
                     raise LoraError(f"LoRA {name} is not in the LoRA folder ({folder}).")
             else:
-                find_recorded(name, entry["sha256"], [folder], runtime.lora_manager)
+                find_recorded(name, hashes[name], [folder], runtime.lora_manager)
         except LoraError as exc:
             gr.Warning(f"{exc} It was left out of the form.", title="LoRA missing or changed")
             continue
