@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
+import numpy as np
+from PIL import Image
 
 from diffusers_helper.app import FORM_FIELDS, AppConfig, build_app, server_kwargs
 from diffusers_helper.app.ui import form_values
@@ -79,6 +81,12 @@ def wait_for_final_video(page, timeout_ms: int) -> None:
         "() => document.querySelector('#fp-progress .fp-progress')?.dataset.state === 'finished'", timeout=timeout_ms)
     page.wait_for_function(
         "() => { const v = document.querySelector('#fp-final video'); return v && v.readyState >= 2; }", timeout=60_000)
+
+
+def save_noise_image(path: Path, seed: int, size: tuple[int, int]) -> Path:
+    """A PNG of random pixels (height, width) at `path`: a start image no two tests share by chance."""
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
 
 
 def free_port() -> int:

@@ -15,10 +15,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from appkit import chromium_page, final_video, running_app, wait_for_final_video
+from appkit import chromium_page, final_video, running_app, save_noise_image, wait_for_final_video
 from diffusers_helper.events import Finished
 from diffusers_helper.pipeline import generate
 from diffusers_helper.settings import GenerationSettings
@@ -35,7 +34,7 @@ TIMEOUT_MS = 180_000
 
 def test_a_past_output_is_extended_from_the_page(browser_ready, tiny_sources, tiny_components, tmp_path):
     image = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    save_noise_image(image, seed=5, size=(64, 64))
     components = tiny_components("f1")
     outputs = tmp_path / "outputs"
     assert isinstance(list(generate(components, SETTINGS, image, outputs / f"{STEM}.mp4"))[-1], Finished)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from appkit import chromium_page, open_with_image, running_app
+from appkit import chromium_page, open_with_image, running_app, save_noise_image
 from diffusers_helper.jobstore import JobStore
 from diffusers_helper.settings import GenerationSettings
 
@@ -38,7 +36,7 @@ def pick(page, text: str) -> None:
 
 def test_a_queued_batch_is_reordered_trimmed_and_finishes_in_a_real_browser(browser_ready, tiny_sources, tmp_path):
     image = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(image)
+    save_noise_image(image, seed=2, size=(64, 80))
     outputs = tmp_path / "outputs"
     with running_app(outputs, tiny_sources, defaults=SETTINGS) as (url, _demo), \
             chromium_page(tmp_path / "chromium-profile", height=1800) as page:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from appkit import chromium_page, open_with_image, running_app
+from appkit import chromium_page, open_with_image, running_app, save_noise_image
 from diffusers_helper.jobstore import JobStore
 from diffusers_helper.settings import GenerationSettings
 
@@ -31,7 +29,7 @@ def test_a_batch_queued_on_the_page_runs_on_ray_workers_and_the_panel_says_where
     from diffusers_helper.scaleout import ClusterOptions
 
     image = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(image)
+    save_noise_image(image, seed=4, size=(64, 80))
     outputs = tmp_path / "outputs"
     seen: list[str] = []
     with running_app(outputs, tiny_sources, defaults=SETTINGS,

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from appkit import chromium_page, running_app, wait_for_final_video
+from appkit import chromium_page, running_app, save_noise_image, wait_for_final_video
 from diffusers_helper.events import CancelToken, Finished, SectionDone
 from diffusers_helper.pipeline import generate
 from diffusers_helper.settings import GenerationSettings
@@ -34,7 +32,7 @@ TIMEOUT_MS = 180_000
 
 def test_an_interrupted_job_is_resumed_from_the_page(browser_ready, tiny_sources, tiny_components, tmp_path):
     image = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    save_noise_image(image, seed=4, size=(64, 64))
     components = tiny_components("framepack")
     whole = tmp_path / "whole" / "whole.mp4"
     assert isinstance(list(generate(components, SETTINGS, image, whole))[-1], Finished)

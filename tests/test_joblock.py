@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,6 +22,8 @@ from diffusers_helper.events import Finished, SectionDone
 from diffusers_helper.outputs import OutputPaths, list_outputs, remove_stale_files
 from diffusers_helper.pipeline import generate, load_resume_state
 from diffusers_helper.settings import GenerationSettings
+
+from appkit import save_noise_image
 
 SETTINGS = GenerationSettings(prompt="rain", seconds=1.2, window=3, steps=1, resolution=64, seed=3, cache="none")
 
@@ -97,7 +98,7 @@ def test_a_job_running_in_another_process_is_left_alone_until_that_process_dies(
 
 def test_a_generating_job_holds_its_lock_until_it_has_ended(tiny_components, tmp_path):
     image = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    save_noise_image(image, seed=1, size=(64, 64))
     video = tmp_path / "out" / "job.mp4"
     seen = []
     events = generate(tiny_components("framepack"), SETTINGS, image, video)

@@ -14,13 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from appkit import SMALL, final_video, form, progress_state, running_app, stem_of
+from appkit import SMALL, final_video, form, progress_state, running_app, save_noise_image, stem_of
 from diffusers_helper import jobs as jobs_module
 from diffusers_helper.memory import release_host_memory
 from diffusers_helper.video import read_frames
@@ -114,7 +112,7 @@ def test_twenty_jobs_from_four_clients(tiny_sources, tiny_components, tmp_path, 
     images = []
     for client in range(CLIENTS):
         path = tmp_path / f"client{client}.png"
-        Image.fromarray(np.random.default_rng(client).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(path)
+        save_noise_image(path, seed=client, size=(72, 96))
         images.append(path)
     images[1] = images[0]  # the repeated job needs the same picture too
 

@@ -21,9 +21,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from appkit import assert_no_debris, form, free_port, history_latents, kill_when, running_app, wait_until
+from appkit import (assert_no_debris, form, free_port, history_latents, kill_when, running_app, save_noise_image,
+                    wait_until)
 from diffusers_helper.jobstore import FILENAME, JobStore
 from diffusers_helper.settings import GenerationSettings
 from diffusers_helper.video import read_frames
@@ -43,7 +43,7 @@ assert JOB.sections == 8
 @pytest.fixture(scope="module")
 def start_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("images") / "start.png"
-    Image.fromarray(np.random.default_rng(9).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(path)
+    save_noise_image(path, seed=9, size=(72, 96))
     return path
 
 

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from appkit import history_latents, wait_until
+from appkit import history_latents, save_noise_image, wait_until
 from diffusers_helper.events import Failed, Finished
 from diffusers_helper.jobstore import JobStore
 from diffusers_helper.settings import GenerationSettings
@@ -46,7 +45,7 @@ assert JOB.sections == 8
 @pytest.fixture(scope="module")
 def start_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("images") / "start.png"
-    Image.fromarray(np.random.default_rng(5).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(path)
+    save_noise_image(path, seed=5, size=(72, 96))
     return path
 
 

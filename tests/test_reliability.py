@@ -39,6 +39,7 @@ from appkit import (
     progress_message,
     progress_state,
     running_app,
+    save_noise_image,
     stem_of,
     upload,
     wait_until,
@@ -72,7 +73,7 @@ def app(tiny_sources, tmp_path_factory):
 @pytest.fixture(scope="module")
 def start_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("images") / "start.png"
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(path)
+    save_noise_image(path, seed=1, size=(72, 96))
     return path
 
 

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from appkit import SMALL, final_video, form, free_port, progress_message, progress_state, running_app, upload
+from appkit import (SMALL, final_video, form, free_port, progress_message, progress_state, running_app, save_noise_image,
+                    upload)
 from diffusers_helper.app import (RefuseRemoteFiles, build_parser, config_from_args, exposure_warning, launch_options,
                                   parse_args)
 
@@ -39,7 +38,7 @@ STAMPED = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-\d{3}(_\d+)?\.(mp4|j
 @pytest.fixture(scope="module")
 def start_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("images") / "start.png"
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    save_noise_image(path, seed=3, size=(64, 64))
     return path
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from appkit import call_raw, form, progress_state, running_app
+from appkit import call_raw, form, progress_state, running_app, save_noise_image
 
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is needed to drive the app")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -29,7 +27,7 @@ def app_in_its_folder(tiny_sources, tmp_path_factory):
     """The app with the launcher's layout: working directory = app folder, uploads in <app>/temp/gradio."""
     folder = tmp_path_factory.mktemp("app-folder")
     image = tmp_path_factory.mktemp("images") / "start.png"
-    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    save_noise_image(image, seed=5, size=(64, 64))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.setenv("GRADIO_TEMP_DIR", str(folder / "temp" / "gradio"))
